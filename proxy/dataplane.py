@@ -1,0 +1,780 @@
+"""The data path: accept HTTP/1.1 clients, ask routing, forward, stream back.
+
+One `ClientConnection` per client socket parses requests with httptools (the
+llhttp C parser, strict). Each request becomes an `Exchange`, which picks the
+service, version and endpoint once when the request head is complete, then
+relays bytes in callbacks: request body chunks straight into the upstream
+socket, response chunks straight into the client socket, with flow control
+in both directions. Nothing is buffered whole. Framing is rebuilt, never
+copied: Content-Length or chunked on each side as that side needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import socket
+import time
+from collections import deque
+from http import HTTPStatus
+
+import httptools
+
+from . import errors
+from .config import Address, Limits, Timeouts
+from .errors import ProxyError
+from .metrics import Metrics, VersionStats
+from .routing import RequestView, Router
+from .state import LiveState, Snapshot
+from .upstreams import Balancer, EndpointPool, UpstreamConnection, Upstreams
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Set by the proxy, so a client's own values are dropped.
+REPLACED_REQUEST_HEADERS = frozenset({b"content-length", b"x-forwarded-proto", b"x-forwarded-host"})
+STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
+PAUSE_BUFFER_BYTES = 256 * 1024
+CHUNKED_END = b"0\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+class VersionTarget:
+    """Where one version's traffic goes, precomputed per snapshot."""
+
+    __slots__ = ("balancer", "name", "response_header", "stats")
+
+    def __init__(self, name: str, balancer: Balancer, stats: VersionStats, tag: bool) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.stats = stats
+        self.response_header = b"x-grayproxy-version: %s\r\n" % name.encode() if tag else b""
+
+
+class ServiceTarget:
+    __slots__ = ("fallback", "timeouts", "versions")
+
+    def __init__(
+        self, versions: dict[str, VersionTarget], fallback: str | None, timeouts: Timeouts
+    ) -> None:
+        self.versions = versions
+        self.fallback = versions[fallback] if fallback else None
+        self.timeouts = timeouts
+
+
+class RoutingTable:
+    """A snapshot compiled for the data path; requests read it once."""
+
+    __slots__ = ("router", "services", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, upstreams: Upstreams, metrics: Metrics) -> None:
+        self.snapshot = snapshot
+        self.router: Router = snapshot.router
+        self.services: dict[str, ServiceTarget] = {}
+        for service in snapshot.config.services:
+            versions = {
+                v.name: VersionTarget(
+                    v.name,
+                    Balancer([upstreams.pool(a) for a in v.endpoints]),
+                    metrics.version(service.name, v.name),
+                    service.version_header,
+                )
+                for v in service.versions
+            }
+            self.services[service.name] = ServiceTarget(
+                versions, service.fallback, service.timeouts
+            )
+
+
+class DataPlane:
+    """Shared by every client connection of one process."""
+
+    def __init__(self, state: LiveState, metrics: Metrics) -> None:
+        config = state.snapshot.config
+        self.state = state
+        self.metrics = metrics
+        self.limits: Limits = config.limits
+        self.idle_timeout = config.timeouts.idle
+        self.upstreams = Upstreams(config.timeouts.idle)
+        self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        state.subscribe(self._on_snapshot)
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
+
+    def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
+        return self.upstreams.is_healthy(address)
+
+    def protocol_factory(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def start_draining(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    async def wait_drained(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self.upstreams.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: parses requests, runs their exchanges in order."""
+
+    __slots__ = (
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_timer",
+        "_url",
+        "client_ip",
+        "current",
+        "parser",
+        "plane",
+        "queue",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self.write_paused = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.client_ip} busy={self.current is not None}>"
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.plane.connections.add(self)
+        self._arm_timer(self.plane.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head or self.current is None:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail_request(
+                errors.UnsupportedTransferCoding("protocol upgrades are not supported yet")
+            )
+        except httptools.HttpParserError as exc:
+            self._fail_request(errors.BadRequest(f"malformed request: {exc}"))
+        else:
+            if self._in_head and self._head_bytes > self.plane.limits.max_header_bytes:
+                self._fail_request(errors.HeadersTooLarge("request header block too large"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.plane.connections.discard(self)
+        self._cancel_timer()
+        self.transport = None
+        if self.current is not None:
+            self.current.client_gone()
+        for queued in self.queue:
+            queued.client_gone()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.current is not None:
+            self.current.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.current is not None:
+            self.current.client_write_paused(False)
+
+    # -- httptools callbacks ---------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._in_head = True
+        if self.current is None:
+            self._arm_timer(self.plane.limits.header_read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self.current is None:
+            self._cancel_timer()
+        exchange = Exchange(self, self.parser.get_method(), self._url, self._headers)
+        self._enqueue(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is not None:
+            exchange.request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is not None:
+            exchange.request_complete()
+
+    # -- exchanges ---------------------------------------------------------
+    def _enqueue(self, exchange: Exchange) -> None:
+        if self.current is None:
+            self.current = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+        """Called by the current exchange once its response is fully written."""
+        self.current = None
+        if not keep_alive or self.plane.draining or self.transport is None:
+            self.close()
+            return
+        if self.queue:
+            self.current = self.queue.popleft()
+            self.current.start()
+            return
+        self.transport.resume_reading()
+        self._arm_timer(self.plane.idle_timeout)
+
+    def _fail_request(self, error: ProxyError) -> None:
+        """A request that cannot be parsed or accepted: answer in turn, then close."""
+        self.parser = httptools.HttpRequestParser(self)  # never parse more of this stream
+        self._in_head = False
+        if self.transport is not None:
+            self.transport.pause_reading()
+        exchange = Exchange.failed(self, error)
+        if self.current is None:
+            self.current = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+
+    # -- helpers -----------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> None:
+        if self.current is None and not self._in_head:
+            self.close()
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if paused:
+            self.transport.pause_reading()
+        elif self.current is not None and not self.queue:
+            self.transport.resume_reading()
+
+    def _arm_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._in_head:  # headers not complete in time: slow or stalled client
+            self._fail_request(errors.RequestTimeout("request headers not received in time"))
+        elif self.current is None:  # idle keep-alive connection
+            self.close()
+
+
+class Exchange:
+    """One request and its response, from head-complete to the last byte."""
+
+    __slots__ = (
+        "_body_buffer",
+        "_buffered",
+        "_chunked_request",
+        "_chunked_response",
+        "_deadline",
+        "_last_read",
+        "_pending",
+        "_tried",
+        "client",
+        "close_after",
+        "error",
+        "head",
+        "head_request",
+        "http10",
+        "request_done",
+        "response_started",
+        "service",
+        "set_cookie",
+        "started_at",
+        "status",
+        "target",
+        "upstream",
+        "upstream_closes",
+        "want_continue",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.client = client
+        self.started_at = time.monotonic()
+        self.upstream: UpstreamConnection | None = None
+        self.target: VersionTarget | None = None
+        self.service: ServiceTarget | None = None
+        self.set_cookie: str | None = None
+        self.error: ProxyError | None = None
+        self.response_started = False
+        self.status = 0
+        self.upstream_closes = False
+        self.request_done = False
+        self.close_after = False
+        self._body_buffer: list[bytes] = []
+        self._buffered = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._pending: asyncio.Task[None] | None = None
+        self._tried: list[EndpointPool] = []
+        self._chunked_response = False
+        self.head = b""
+        self.head_request = method == b"HEAD"
+        self.want_continue = False
+        self._chunked_request = False
+        self.http10 = False
+        if method:  # Exchange.failed passes no method
+            try:
+                self._prepare(method, url, headers)
+            except ProxyError as exc:
+                self.error = exc
+
+    @classmethod
+    def failed(cls, client: ClientConnection, error: ProxyError) -> Exchange:
+        exchange = cls(client, b"", b"", [])
+        exchange.error = error
+        exchange.close_after = True
+        exchange.request_done = True
+        return exchange
+
+    # -- the decision, synchronous -----------------------------------------
+    def _prepare(self, method: bytes, url: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        parser = self.client.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise errors.VersionNotSupported(f"HTTP/{version} is not supported")
+        self.http10 = version == "1.0"
+        self.close_after = not parser.should_keep_alive()
+        if method == b"CONNECT":
+            raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
+
+        forwarded, headers, host = self._read_headers(raw_headers)
+        target_url = self._origin_form(url, host)
+        path, _, query = target_url.partition(b"?")
+        view = RequestView(
+            method.decode("latin-1"),
+            path.decode("latin-1"),
+            query.decode("latin-1"),
+            headers,
+            self.client.client_ip,
+        )
+        self._route(host, view)
+        limit = self.client.plane.limits.max_body_bytes
+        length = headers.get("content-length")
+        if limit and length is not None and int(length) > limit:
+            raise errors.PayloadTooLarge(f"request body over {limit} bytes")
+        self.head = self._upstream_head(method, target_url, forwarded, headers, host)
+
+    def _read_headers(
+        self, raw_headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[bytes], dict[str, str], str]:
+        """Check the request's headers; returns the lines to forward, the
+        headers for routing (lower-case names) and the Host."""
+        forwarded: list[bytes] = []
+        headers: dict[str, str] = {}
+        connection_tokens: set[bytes] = set()
+        host: str | None = None
+        for raw_name, raw_value in raw_headers:
+            name = raw_name.lower()
+            text = raw_value.decode("latin-1")
+            key = name.decode("latin-1")
+            if name == b"host":
+                if host is not None or "," in text:
+                    raise errors.BadRequest("more than one Host")
+                host = text
+            elif name == b"transfer-encoding":
+                self._check_transfer_encoding(raw_value, key in headers)
+            elif name == b"connection":
+                connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
+            elif name == b"expect" and raw_value.lower() == b"100-continue":
+                self.want_continue = True
+            if key in headers:
+                headers[key] += ("; " if name == b"cookie" else ", ") + text
+            else:
+                headers[key] = text
+            if name not in HOP_BY_HOP and name not in REPLACED_REQUEST_HEADERS:
+                forwarded.append(raw_name + b": " + raw_value + b"\r\n")
+        if connection_tokens:
+            forwarded = [
+                line
+                for line in forwarded
+                if line.split(b":", 1)[0].lower() not in connection_tokens
+            ]
+        if host is None:
+            if not self.http10:
+                raise errors.BadRequest("missing Host header")
+            host = ""
+        return forwarded, headers, host
+
+    def _check_transfer_encoding(self, value: bytes, repeated: bool) -> None:
+        codings = [c.strip().lower() for c in value.split(b",")]
+        if repeated or b"" in codings:
+            raise errors.BadRequest("malformed Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise errors.UnsupportedTransferCoding("only the chunked transfer coding is supported")
+        self._chunked_request = True
+
+    @staticmethod
+    def _origin_form(url: bytes, host: str) -> bytes:
+        if url.startswith(b"/"):
+            return url
+        lowered = url[:8].lower()
+        if lowered.startswith((b"http://", b"https://")):
+            rest = url.split(b"://", 1)[1]
+            authority, slash, path = rest.partition(b"/")
+            if authority.decode("latin-1").lower() != host.lower():
+                raise errors.BadRequest("absolute-form target names another host")
+            return slash + path if slash else b"/"
+        if url == b"*":
+            return url
+        raise errors.BadRequest("invalid request target")
+
+    def _route(self, host: str, view: RequestView) -> None:
+        table = self.client.plane.table
+        service_router = table.router.match(host, view.path)
+        if service_router is None:
+            raise errors.NoService(f"no service matches host {host!r} and path {view.path!r}")
+        service = table.services[service_router.service.name]
+        version, self.set_cookie = service_router.decide(view)
+        self.service = service
+        self.target = service.versions[version]
+
+    def _upstream_head(
+        self,
+        method: bytes,
+        target_url: bytes,
+        forwarded: list[bytes],
+        headers: dict[str, str],
+        host: str,
+    ) -> bytes:
+        ip = self.client.client_ip
+        xff = headers.get("x-forwarded-for")
+        lines = [
+            method + b" " + target_url + b" HTTP/1.1\r\n",
+            *[line for line in forwarded if not line[:16].lower().startswith(b"x-forwarded-for:")],
+            b"x-forwarded-for: " + (f"{xff}, {ip}" if xff else ip).encode("latin-1") + b"\r\n",
+            b"x-forwarded-proto: http\r\n",
+        ]
+        if host:
+            lines.append(b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n")
+        if self._chunked_request:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        elif "content-length" in headers:
+            lines.append(b"content-length: " + headers["content-length"].encode() + b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    # -- running -----------------------------------------------------------
+    def start(self) -> None:
+        if self.error is not None:
+            self._respond_error(self.error)
+            return
+        if self.client.plane.draining:
+            self.close_after = True
+        self._pending = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self._attach_upstream()
+        except ProxyError as exc:
+            self._upstream_error(exc)
+        finally:
+            self._pending = None
+
+    async def _attach_upstream(self) -> None:
+        """Pick an endpoint and get a connection; connect failures move on to
+        the next healthy endpoint, then to the fallback version: nothing of
+        the request has been sent yet, so trying again is always safe."""
+        assert self.target is not None and self.service is not None
+        last_error: ProxyError | None = None
+        while True:
+            pool = self._choose_endpoint()
+            if pool is None:
+                raise last_error or errors.NoHealthyEndpoint(
+                    f"version {self.target.name!r} has no healthy endpoint"
+                )
+            self._tried.append(pool)
+            conn = pool.take_idle()
+            if conn is None:
+                try:
+                    conn = await pool.connect(self.service.timeouts.connect)
+                except ProxyError as exc:
+                    self.target.stats.upstream_error(exc.kind or "connect")
+                    last_error = exc
+                    continue
+            if self.client.transport is None:  # client left while we connected
+                conn.finish(reusable=True)
+                return
+            self._send_head(conn)
+            return
+
+    def _choose_endpoint(self) -> EndpointPool | None:
+        assert self.target is not None and self.service is not None
+        pool = self.target.balancer.choose(self._tried)
+        fallback = self.service.fallback
+        if pool is None and fallback is not None and fallback is not self.target:
+            self.target.stats.fallback()
+            self.target = fallback
+            pool = fallback.balancer.choose(self._tried)
+        return pool
+
+    def _send_head(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        body = b"".join(self._body_buffer)
+        self._body_buffer.clear()
+        self._buffered = 0
+        conn.start(self, self.head + body, self.head_request)
+        if self.request_done:
+            self._request_sent()
+        else:
+            self.client.pause_reading(False)
+
+    def request_body(self, chunk: bytes) -> None:
+        limit = self.client.plane.limits.max_body_bytes
+        if self.error is not None:
+            return
+        if self._chunked_request:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        self._buffered += len(chunk)
+        if limit and self._chunked_request and self._buffered > limit and self.upstream is None:
+            self.error = errors.PayloadTooLarge(f"request body over {limit} bytes")
+            return
+        if self.upstream is not None:
+            self.upstream.write(chunk)
+        else:
+            self._body_buffer.append(chunk)
+            if self._buffered > PAUSE_BUFFER_BYTES:
+                self.client.pause_reading(True)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self._chunked_request:
+            if self.upstream is not None:
+                self.upstream.write(CHUNKED_END)
+            else:
+                self._body_buffer.append(CHUNKED_END)
+        if self.upstream is not None:
+            self._request_sent()
+        if self.error is not None and self.client.current is self and not self.response_started:
+            self._respond_error(self.error)
+
+    def _request_sent(self) -> None:
+        assert self.service is not None
+        self._arm_deadline(self.service.timeouts.response)
+
+    # -- timers ------------------------------------------------------------
+    def _arm_deadline(self, delay: float) -> None:
+        self._last_read = time.monotonic()
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(delay, self._on_deadline)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_deadline(self) -> None:
+        assert self.service is not None
+        timeout = self.service.timeouts.response
+        quiet = time.monotonic() - self._last_read
+        self._deadline = None
+        if quiet < timeout:
+            self._deadline = asyncio.get_running_loop().call_later(
+                timeout - quiet, self._on_deadline
+            )
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._upstream_error(errors.UpstreamTimeout(f"upstream sent nothing for {timeout:g}s"))
+
+    # -- ResponseSink: called by the upstream connection -------------------
+    def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 100 and self.want_continue and not self.http10:
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def response_head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> None:
+        assert self.target is not None
+        self._last_read = time.monotonic()
+        self.response_started = True
+        self.status = status
+        self.upstream_closes = close
+        lines = [status_line(status)]
+        length: bytes | None = None
+        connection_tokens: set[bytes] = set()
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = value
+            elif lname == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+            elif lname not in HOP_BY_HOP:
+                lines.append(name + b": " + value + b"\r\n")
+        if connection_tokens:
+            lines = [lines[0]] + [
+                ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in connection_tokens
+            ]
+        bodyless = self.head_request or status in (204, 304)
+        if length is not None:
+            lines.append(b"content-length: " + length + b"\r\n")
+        elif not bodyless:
+            if self.http10:
+                self.close_after = True
+            else:
+                self._chunked_response = True
+                lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(self.target.response_header)
+        if self.set_cookie:
+            lines.append(b"set-cookie: " + self.set_cookie.encode("latin-1") + b"\r\n")
+        if not self.request_done or self.client.plane.draining:
+            self.close_after = True
+        if self.close_after:
+            lines.append(b"connection: close\r\n")
+        elif self.http10:
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        self.client.write(b"".join(lines))
+
+    def response_body(self, chunk: bytes) -> None:
+        self._last_read = time.monotonic()
+        if self._chunked_response:
+            self.client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.client.write(chunk)
+
+    def response_complete(self) -> None:
+        self._cancel_deadline()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.finish(reusable=self.request_done and not self.upstream_closes)
+        if self._chunked_response:
+            self.client.write(CHUNKED_END)
+        self._finish(self.status)
+
+    def upstream_failed(self, error: ProxyError) -> None:
+        self._upstream_error(error)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.client.pause_reading(paused)
+
+    def client_write_paused(self, paused: bool) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading(paused)
+
+    # -- endings -----------------------------------------------------------
+    def client_gone(self) -> None:
+        self._cancel_deadline()
+        if self._pending is not None:
+            self._pending.cancel()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.target is not None:
+            self.target.stats.observe(499, time.monotonic() - self.started_at)
+
+    def _upstream_error(self, error: ProxyError) -> None:
+        self._cancel_deadline()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.target is not None and error.kind is not None:
+            self.target.stats.upstream_error(error.kind)
+        if self.response_started:
+            # The client already has our status line: cut the connection so it
+            # can tell the body is incomplete.
+            self.client.abort()
+            if self.target is not None:
+                self.target.stats.observe(error.status, time.monotonic() - self.started_at)
+            return
+        self._respond_error(error)
+
+    def _respond_error(self, error: ProxyError) -> None:
+        status = error.status
+        body = f"{status} {errors.REASONS.get(status, 'Error')}: {error.detail}\n".encode()
+        self.close_after = self.close_after or not self.request_done or status in (400, 408, 431)
+        lines = [
+            status_line(status),
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+        ]
+        if self.target is not None:
+            lines.append(self.target.response_header)
+        if self.close_after or self.client.plane.draining:
+            self.close_after = True
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        self.response_started = True
+        self.client.write(b"".join(lines) + (b"" if self.head_request else body))
+        self._finish(status)
+
+    def _finish(self, status: int) -> None:
+        if self.target is not None:
+            self.target.stats.observe(status, time.monotonic() - self.started_at)
+        self.client.exchange_done(self, keep_alive=not self.close_after)

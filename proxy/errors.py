@@ -1,0 +1,93 @@
+"""The data plane's errors: each knows the status it becomes, and, for upstream
+failures, the `kind` label it is counted under in
+``grayproxy_upstream_errors_total``."""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    status = 502
+    kind: str | None = None  # upstream error kind, None for client-side errors
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+# Client side: the request is refused before anything goes upstream.
+class BadRequest(ProxyError):
+    status = 400
+
+
+class NoService(ProxyError):
+    status = 404
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+
+
+class UnsupportedTransferCoding(ProxyError):
+    status = 501
+
+
+class VersionNotSupported(ProxyError):
+    status = 505
+
+
+class NoHealthyEndpoint(ProxyError):
+    status = 503
+
+
+class Draining(ProxyError):
+    status = 503
+
+
+# Upstream side.
+class UpstreamConnectError(ProxyError):
+    status = 502
+    kind = "connect"
+
+
+class UpstreamConnectTimeout(ProxyError):
+    status = 504
+    kind = "connect"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    kind = "timeout"
+
+
+class UpstreamReset(ProxyError):
+    status = 502
+    kind = "reset"
+
+
+class BadUpstreamResponse(ProxyError):
+    """Counted as a reset: the proxy drops the connection (SPEC §5 keeps three kinds)."""
+
+    status = 502
+    kind = "reset"
+
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}

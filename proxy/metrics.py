@@ -1,0 +1,243 @@
+"""Per-version request statistics: plain counters on the hot path, Prometheus text on scrape.
+
+The data plane calls ``VersionStats`` once per finished request: plain int and
+float arithmetic, no locks (each worker runs one event loop), no
+prometheus_client call. ``Metrics.render`` builds the exposition at scrape time
+with a custom collector that reads those counters.
+
+Every raw counter is a plain int, list or dict, and the one-minute window is
+keyed by whole seconds of the system-wide monotonic clock, so counters of
+several worker processes on one host can be summed slot by slot.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
+from operator import add
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from proxy.config import Config
+
+if TYPE_CHECKING:
+    from proxy.state import Snapshot
+
+Clock = Callable[[], float]
+
+# Bucket upper bounds (seconds) of grayproxy_request_duration_seconds: the
+# prometheus_client defaults plus 1 ms and 2.5 ms for fast upstreams.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,
+    0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset")
+WINDOW_SECONDS = 60
+
+
+def _log_spaced(low: float, high: float, step: float) -> tuple[float, ...]:
+    bounds = [low]
+    while bounds[-1] < high:
+        bounds.append(bounds[-1] * step)
+    return tuple(bounds)
+
+
+# Upper bounds (seconds) of the window's latency buckets: 5 % steps from
+# 0.05 ms to 60 s, so a reported p50/p99 is at most 5 % above the true value.
+WINDOW_BOUNDS = _log_spaced(0.00005, 60.0, 1.05)
+_WINDOW_BUCKETS = len(WINDOW_BOUNDS) + 1  # the last one holds everything slower than 60 s
+
+
+class VersionStats:
+    """Counters of one (service, version): lifetime totals and a 60 x 1 s ring (last minute)."""
+
+    __slots__ = (
+        "_clock",
+        "_slot_errors",
+        "_slot_latency",
+        "_slot_requests",
+        "_slot_second",
+        "codes",
+        "duration_buckets",
+        "duration_sum",
+        "fallbacks",
+        "upstream_errors",
+    )
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.codes: dict[int, int] = {}  # status code -> finished requests
+        # Per DURATION_BUCKETS bound, plus a last +Inf bucket; not cumulative.
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self.fallbacks = 0
+        self._slot_second = [-1] * WINDOW_SECONDS  # which whole monotonic second a slot holds
+        self._slot_requests = [0] * WINDOW_SECONDS
+        self._slot_errors = [0] * WINDOW_SECONDS
+        # Allocated when a slot is first used, so idle versions stay small.
+        self._slot_latency: list[list[int]] = [[] for _ in range(WINDOW_SECONDS)]
+
+    def __repr__(self) -> str:
+        window = self.window()
+        return (
+            f"<VersionStats [total: {sum(self.codes.values())} | last minute: "
+            f"{window['requests']} requests, {window['errors']} errors]>"
+        )
+
+    def observe(self, status: int, seconds: float) -> None:
+        """Count one finished request: the status the client got and its duration."""
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+        slot = self._current_slot()
+        self._slot_requests[slot] += 1
+        if status >= 500:
+            self._slot_errors[slot] += 1
+        self._slot_latency[slot][bisect_left(WINDOW_BOUNDS, seconds)] += 1
+
+    def upstream_error(self, kind: str) -> None:
+        """Count an upstream failure: "connect", "timeout", "reset" (or another fixed kind).
+
+        The request itself is counted by ``observe`` with the status the client
+        got (502/504), which is what makes it an error in the window.
+        """
+        errors = self.upstream_errors
+        errors[kind] = errors.get(kind, 0) + 1
+
+    def fallback(self) -> None:
+        """Count a request sent to the fallback because this version had no healthy endpoint."""
+        self.fallbacks += 1
+
+    def window(self) -> dict[str, float | int]:
+        """The last 60 s: requests, errors (5xx), error_rate, p50_ms, p99_ms (0.0 when idle)."""
+        oldest = int(self._clock()) - WINDOW_SECONDS + 1
+        requests = errors = 0
+        latency = [0] * _WINDOW_BUCKETS
+        for slot, second in enumerate(self._slot_second):
+            if second >= oldest:
+                requests += self._slot_requests[slot]
+                errors += self._slot_errors[slot]
+                latency = list(map(add, latency, self._slot_latency[slot]))
+        cumulative = list(accumulate(latency))
+        return {
+            "requests": requests,
+            "errors": errors,
+            "error_rate": round(errors / requests, 4) if requests else 0.0,
+            "p50_ms": _quantile_ms(cumulative, 0.50),
+            "p99_ms": _quantile_ms(cumulative, 0.99),
+        }
+
+    def _current_slot(self) -> int:
+        second = int(self._clock())
+        slot = second % WINDOW_SECONDS
+        if self._slot_second[slot] != second:
+            self._slot_second[slot] = second
+            self._slot_requests[slot] = 0
+            self._slot_errors[slot] = 0
+            self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
+        return slot
+
+
+def _quantile_ms(cumulative: list[int], q: float) -> float:
+    """The upper bound, in ms, of the bucket holding the q-quantile."""
+    total = cumulative[-1]
+    if not total:
+        return 0.0
+    bucket = bisect_left(cumulative, q * total)
+    return round(WINDOW_BOUNDS[min(bucket, len(WINDOW_BOUNDS) - 1)] * 1000, 3)
+
+
+class Metrics:
+    """All VersionStats of a worker, kept across reloads (counters never go backwards)."""
+
+    __slots__ = ("_clock", "_stats")
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._stats: dict[tuple[str, str], VersionStats] = {}
+
+    def __repr__(self) -> str:
+        return f"<Metrics [{len(self._stats)} versions]>"
+
+    def version(self, service: str, version: str) -> VersionStats:
+        """The stats of one version, created on first use."""
+        key = (service, version)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = VersionStats(self._clock)
+        return stats
+
+    def render(self, snapshot: Snapshot) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every version's counters."""
+        for service in snapshot.config.services:
+            for version in service.versions:
+                self.version(service.name, version.name)
+        registry = CollectorRegistry()
+        registry.register(_ScrapeCollector(self._stats, snapshot.config))
+        return generate_latest(registry)
+
+
+class _ScrapeCollector(Collector):
+    """Reads the plain counters (and the weights of the live config) once per scrape."""
+
+    def __init__(self, stats: dict[tuple[str, str], VersionStats], config: Config) -> None:
+        self._stats = stats
+        self._config = config
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ("service", "version")
+        requests = CounterMetricFamily(
+            "grayproxy_requests_total", "Finished requests.", labels=(*labels, "code")
+        )
+        durations = HistogramMetricFamily(
+            "grayproxy_request_duration_seconds", "Request duration in seconds.", labels=labels
+        )
+        upstream_errors = CounterMetricFamily(
+            "grayproxy_upstream_errors_total", "Upstream failures.", labels=(*labels, "kind")
+        )
+        fallbacks = CounterMetricFamily(
+            "grayproxy_fallback_total",
+            "Requests sent to the fallback because the version had no healthy endpoint.",
+            labels=labels,
+        )
+        for (service, version), stats in sorted(self._stats.items()):
+            for code, count in sorted(stats.codes.items()):
+                requests.add_metric([service, version, str(code)], count)
+            durations.add_metric(
+                [service, version],
+                buckets=_cumulative_buckets(stats.duration_buckets),
+                sum_value=stats.duration_sum,
+            )
+            for kind, count in stats.upstream_errors.items():
+                upstream_errors.add_metric([service, version, kind], count)
+            fallbacks.add_metric([service, version], stats.fallbacks)
+        return [requests, durations, upstream_errors, fallbacks, self._weights()]
+
+    def _weights(self) -> GaugeMetricFamily:
+        weights = GaugeMetricFamily(
+            "grayproxy_weight",
+            "The version's share of the weighted split, in percent.",
+            labels=("service", "version"),
+        )
+        for service in self._config.services:
+            total = sum(service.split.weights.values())
+            for version, weight in service.split.weights.items():
+                weights.add_metric([service.name, version], 100 * weight / total if total else 0.0)
+        return weights
+
+
+def _cumulative_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
+    bounds = [repr(bound) for bound in DURATION_BUCKETS] + ["+Inf"]
+    return list(zip(bounds, accumulate(counts), strict=True))
