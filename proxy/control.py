@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -35,9 +35,14 @@ def create_app(
     *,
     endpoint_health: EndpointHealth,
     is_ready: Callable[[], bool],
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
-    """The control application; the caller runs it on ``control.listen``."""
-    api = _ControlAPI(state, metrics, endpoint_health, is_ready)
+    """The control application; the caller runs it on ``control.listen``.
+
+    ``refresh``, if given, is awaited before stats, health or metrics are read
+    (a supervisor gathers them from its workers then).
+    """
+    api = _ControlAPI(state, metrics, endpoint_health, is_ready, refresh)
     app = web.Application(middlewares=[_errors, _bearer_auth(state)])
     app.add_routes(
         [
@@ -122,18 +127,26 @@ class _ControlAPI:
         metrics: Metrics,
         endpoint_health: EndpointHealth,
         is_ready: Callable[[], bool],
+        refresh: Callable[[], Awaitable[None]] | None,
     ) -> None:
         self._state = state
         self._metrics = metrics
         self._endpoint_health = endpoint_health
         self._is_ready = is_ready
+        self._refresh = refresh
+
+    async def _fresh(self) -> None:
+        if self._refresh is not None:
+            await self._refresh()
 
     async def list_services(self, request: web.Request) -> web.Response:
+        await self._fresh()
         snapshot = self._state.snapshot
         services = [self._service_json(s, snapshot.generation) for s in snapshot.config.services]
         return web.json_response({"generation": snapshot.generation, "services": services})
 
     async def get_service(self, request: web.Request) -> web.Response:
+        await self._fresh()
         return self._service_response(request.match_info["name"])
 
     async def set_weights(self, request: web.Request) -> web.Response:
@@ -171,6 +184,7 @@ class _ControlAPI:
         return web.Response(status=503, text="not ready")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await self._fresh()
         body = self._metrics.render(self._state.snapshot)
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 

@@ -17,7 +17,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from operator import add
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from proxy.state import Snapshot
 
 Clock = Callable[[], float]
+# VersionStats.dump(): plain values, picklable, summed by VersionStats.absorb.
+StatsDump = tuple[Any, ...]
 
 # Bucket upper bounds (seconds) of grayproxy_request_duration_seconds: the
 # prometheus_client defaults plus 1 ms and 2.5 ms for fast upstreams.
@@ -139,6 +141,51 @@ class VersionStats:
             "p99_ms": _quantile_ms(cumulative, 0.99),
         }
 
+    def dump(self) -> StatsDump:
+        """Every counter as plain values, to be summed into another process's stats."""
+        return (
+            dict(self.codes),
+            list(self.duration_buckets),
+            self.duration_sum,
+            dict(self.upstream_errors),
+            self.fallbacks,
+            list(self._slot_second),
+            list(self._slot_requests),
+            list(self._slot_errors),
+            [list(latency) for latency in self._slot_latency],
+        )
+
+    def absorb(self, dump: StatsDump) -> None:
+        """Add the counters of ``dump`` (another worker's) to these."""
+        codes, buckets, duration_sum, upstream_errors, fallbacks, *window = dump
+        for code, count in codes.items():
+            self.codes[code] = self.codes.get(code, 0) + count
+        self.duration_buckets = list(map(add, self.duration_buckets, buckets))
+        self.duration_sum += duration_sum
+        for kind, count in upstream_errors.items():
+            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + count
+        self.fallbacks += fallbacks
+        self._absorb_window(*window)
+
+    def _absorb_window(
+        self,
+        seconds: list[int],
+        requests: list[int],
+        errors: list[int],
+        latencies: list[list[int]],
+    ) -> None:
+        for slot, second in enumerate(seconds):
+            if second < self._slot_second[slot] or not latencies[slot]:
+                continue  # older than what this slot holds, or never used
+            if second > self._slot_second[slot]:
+                self._slot_second[slot] = second
+                self._slot_requests[slot] = 0
+                self._slot_errors[slot] = 0
+                self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
+            self._slot_requests[slot] += requests[slot]
+            self._slot_errors[slot] += errors[slot]
+            self._slot_latency[slot] = list(map(add, self._slot_latency[slot], latencies[slot]))
+
     def _current_slot(self) -> int:
         second = int(self._clock())
         slot = second % WINDOW_SECONDS
@@ -178,6 +225,16 @@ class Metrics:
         if stats is None:
             stats = self._stats[key] = VersionStats(self._clock)
         return stats
+
+    def dump(self) -> dict[tuple[str, str], StatsDump]:
+        return {key: stats.dump() for key, stats in self._stats.items()}
+
+    def absorb(self, dumps: dict[tuple[str, str], StatsDump]) -> None:
+        for (service, version), dump in dumps.items():
+            self.version(service, version).absorb(dump)
+
+    def clear(self) -> None:
+        self._stats = {}
 
     def render(self, snapshot: Snapshot) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every version's counters."""

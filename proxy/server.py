@@ -1,4 +1,9 @@
-"""Lifecycle: open the listeners, serve, reload on SIGHUP, drain on SIGTERM."""
+"""Lifecycle: open the listeners, serve, reload on SIGHUP, drain on SIGTERM.
+
+With `workers: 1` this process serves data itself. With more, it becomes the
+supervisor (proxy/workers.py): it keeps the control API and the live state,
+and N worker processes serve data on the shared port.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from .config import Config, ConfigError
 from .dataplane import DataPlane
 from .metrics import Metrics
 from .state import LiveState
+from .workers import Supervisor, reserve_port
 
 log = logging.getLogger("grayproxy")
 
@@ -35,28 +41,88 @@ async def serve(
     config_path: str | None,
     setup: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
-    loop = asyncio.get_running_loop()
     if setup is not None:
         await setup()
+    if config.workers > 1:
+        return await serve_supervised(config, config_path)
+    return await serve_alone(config, config_path)
+
+
+async def serve_alone(config: Config, config_path: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    state = LiveState(config, config_path)
+    plane = DataPlane(state, Metrics())
+    data_server = await loop.create_server(
+        plane.protocol_factory, config.listen.host, config.listen.port, backlog=1024
+    )
+    runner = await start_control(
+        state, plane.metrics, plane.endpoint_healthy, lambda: not plane.draining
+    )
+    log.info("data on http://%s, control on %s", listen_text(data_server), control_url(runner))
+    await until_stopped(state)
+    log.info("draining (up to %gs)", config.drain_timeout)
+    data_server.close()
+    plane.start_draining()
+    await plane.wait_drained(config.drain_timeout)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def serve_supervised(config: Config, config_path: str | None) -> int:
+    config, port_holder = reserve_port(config)
     state = LiveState(config, config_path)
     metrics = Metrics()
-    plane = DataPlane(state, metrics)
-    data_server = await loop.create_server(
-        plane.protocol_factory,
-        config.listen.host,
-        config.listen.port,
-        backlog=1024,
-        reuse_address=True,
+    supervisor = Supervisor(state, metrics, config.workers)
+    try:
+        await supervisor.start()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        await supervisor.stop(0)
+        return 1
+    runner = await start_control(
+        state,
+        metrics,
+        supervisor.endpoint_healthy,
+        lambda: not supervisor.stopping,
+        refresh=supervisor.refresh,
     )
+    log.info(
+        "data on http://%s (%d workers), control on %s",
+        config.listen,
+        config.workers,
+        control_url(runner),
+    )
+    await until_stopped(state)
+    log.info("draining (up to %gs)", config.drain_timeout)
+    await supervisor.stop(config.drain_timeout)
+    await runner.cleanup()
+    if port_holder is not None:
+        port_holder.close()
+    log.info("stopped")
+    return 0
+
+
+async def start_control(
+    state: LiveState,
+    metrics: Metrics,
+    endpoint_healthy: control.EndpointHealth,
+    is_ready: Callable[[], bool],
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> web.AppRunner:
     app = control.create_app(
-        state, metrics, endpoint_health=plane.endpoint_healthy, is_ready=lambda: not plane.draining
+        state, metrics, endpoint_health=endpoint_healthy, is_ready=is_ready, refresh=refresh
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.control.listen.host, config.control.listen.port)
-    await site.start()
-    log.info("data on http://%s, control on %s", listen_text(data_server), site.name)
+    listen = state.snapshot.config.control.listen
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    return runner
 
+
+async def until_stopped(state: LiveState) -> None:
+    """Wait for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -66,13 +132,6 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-    log.info("draining (up to %gs)", config.drain_timeout)
-    data_server.close()
-    plane.start_draining()
-    await plane.wait_drained(config.drain_timeout)
-    await runner.cleanup()
-    log.info("stopped")
-    return 0
 
 
 def reload_from_signal(state: LiveState) -> None:
@@ -87,3 +146,8 @@ def reload_from_signal(state: LiveState) -> None:
 def listen_text(server: asyncio.Server) -> str:
     host, port = server.sockets[0].getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def control_url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -118,15 +118,23 @@ class LiveState:
         kept = {name: getattr(running, name) for name in changed}
         return self._swap(replace(loaded, **kept), warnings)
 
+    def install(self, config: Config, generation: int) -> Snapshot:
+        """Adopt a config decided elsewhere: a worker following its supervisor."""
+        return self._swap(config, (), generation)
+
     def _replace_weights(self, service: Service, weights: dict[str, float]) -> Snapshot:
         new_service = replace(service, split=replace(service.split, weights=weights))
         config = self.snapshot.config
         services = tuple(new_service if s is service else s for s in config.services)
         return self._swap(replace(config, services=services), self.snapshot.warnings)
 
-    def _swap(self, config: Config, warnings: tuple[str, ...]) -> Snapshot:
+    def _swap(
+        self, config: Config, warnings: tuple[str, ...], generation: int | None = None
+    ) -> Snapshot:
         router = Router(config.services)
-        snapshot = Snapshot(self.snapshot.generation + 1, config, router, warnings)
+        if generation is None:
+            generation = self.snapshot.generation + 1
+        snapshot = Snapshot(generation, config, router, warnings)
         self.snapshot = snapshot
         for callback in self._subscribers:
             try:

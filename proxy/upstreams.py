@@ -272,6 +272,9 @@ class Upstreams:
             pool = self._pools[address] = EndpointPool(address, self.idle_timeout)
         return pool
 
+    def addresses(self) -> list[Address]:
+        return list(self._pools)
+
     def is_healthy(self, address: Address) -> bool:
         pool = self._pools.get(address)
         return pool is None or pool.healthy

@@ -1,7 +1,8 @@
 """Real upstream servers for the tests, each on its own 127.0.0.1 port, run in
 a background thread so that plain (synchronous) tests can drive the proxy.
 
-`Upstream` is an aiohttp app that records what it received and answers by the last segments of the path (any prefix before them):
+`Upstream` is an aiohttp app that records what it received and answers by
+the last segments of the path (any prefix before them):
   .../status/N      status N
   .../bytes/N       N bytes, streamed in 64 KiB chunks
   .../chunked       a chunked response of three parts

@@ -30,7 +30,7 @@ services:
     match: {path_prefix: /deadfb}
     fallback: ok
     versions:
-      broken: {endpoints: ["127.0.0.1:%(dead)d"]}
+      broken: {endpoints: ["127.0.0.1:%(dead2)d"]}
       ok: {endpoints: ["%(stable)s"]}
     split: {weights: {broken: 100, ok: 0}}
   - name: dead
@@ -86,6 +86,7 @@ def render(upstreams: dict[str, Upstream]) -> str:
         "stable": upstreams["stable"].address,
         "canary": upstreams["canary"].address,
         "dead": free_port(),
+        "dead2": free_port(),
     }
 
 
@@ -182,10 +183,14 @@ def test_version_header_can_be_turned_off(proxy: ProxyProcess) -> None:
 
 def test_rules_pin_the_version(proxy: ProxyProcess, upstreams: dict[str, Upstream]) -> None:
     for user in range(30):
-        _, headers, body = request(proxy, "GET", "/echo", {"x-canary": "always", "x-user-id": str(user)})
+        _, headers, body = request(
+            proxy, "GET", "/echo", {"x-canary": "always", "x-user-id": str(user)}
+        )
         assert headers["x-grayproxy-version"] == "canary"
         assert decode_json(body)["upstream"] == "canary"
-        _, headers, _ = request(proxy, "GET", "/echo", {"x-canary": "never", "x-user-id": str(user)})
+        _, headers, _ = request(
+            proxy, "GET", "/echo", {"x-canary": "never", "x-user-id": str(user)}
+        )
         assert headers["x-grayproxy-version"] == "stable"
 
 
@@ -259,7 +264,9 @@ def test_sticky_cookie_for_keyless_clients(proxy: ProxyProcess) -> None:
 
 
 def test_no_service_is_404_with_a_clear_body(upstreams: dict[str, Upstream]) -> None:
-    config = render(upstreams).replace('match: {host: "*", path_prefix: /}', "match: {host: only.test}")
+    config = render(upstreams).replace(
+        'match: {host: "*", path_prefix: /}', "match: {host: only.test}"
+    )
     with ProxyProcess(config) as proc:
         status, _, body = request(proc, "GET", "/nothing/here", {"Host": "other.test"})
     assert status == 404
@@ -284,11 +291,11 @@ def test_fallback_version_takes_traffic_of_a_dead_one(
         assert headers["x-grayproxy-version"] == "ok"
         assert decode_json(body)["raw_path"] == "/deadfb/echo"
     metrics = http_get(proxy.control_url + "/metrics")[2].decode()
-    assert re.search(r'grayproxy_fallback_total\{service="deadfb",version="broken"\} [1-9]', metrics)
     assert re.search(
-        r'grayproxy_upstream_errors_total\{kind="connect",service="deadfb",version="broken"\} [1-9]',
-        metrics,
-    ) or re.search(r'grayproxy_upstream_errors_total\{[^}]*kind="connect"[^}]*service="deadfb"', metrics)
+        r'grayproxy_fallback_total\{service="deadfb",version="broken"\} [1-9]', metrics
+    )
+    errors = r'grayproxy_upstream_errors_total\{kind="connect",service="deadfb",version="broken"\}'
+    assert re.search(errors + " [1-9]", metrics)
 
 
 def test_upstream_timeout_is_504(proxy: ProxyProcess) -> None:
@@ -301,7 +308,9 @@ def test_upstream_timeout_is_504(proxy: ProxyProcess) -> None:
     assert status == 200
 
 
-def test_invalid_upstream_response_is_502(loops: LoopThread, upstreams: dict[str, Upstream]) -> None:
+def test_invalid_upstream_response_is_502(
+    loops: LoopThread, upstreams: dict[str, Upstream]
+) -> None:
     port, stop = raw_server(
         loops, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
     )
@@ -353,7 +362,8 @@ def test_request_and_response_bodies_stream_both_framings(proxy: ProxyProcess) -
 
 def test_keep_alive_and_pipelining_on_one_client_connection(proxy: ProxyProcess) -> None:
     pipelined = b"".join(
-        f"GET /status/20{i} HTTP/1.1\r\nHost: x\r\nX-Canary: never\r\n\r\n".encode() for i in range(3)
+        f"GET /status/20{i} HTTP/1.1\r\nHost: x\r\nX-Canary: never\r\n\r\n".encode()
+        for i in range(3)
     )
     reply = raw_exchange(
         proxy.data_port,
@@ -392,7 +402,10 @@ def test_head_request_and_expect_continue(proxy: ProxyProcess) -> None:
     ("raw", "status"),
     [
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
-        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"GET http://evil.test/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\n\r\n", 400),
@@ -438,9 +451,8 @@ def proxy_rss_kib(proxy: ProxyProcess) -> int:
 def test_metrics_count_requests_per_version_and_code(proxy: ProxyProcess) -> None:
     def count(code: str) -> float:
         text = http_get(proxy.control_url + "/metrics")[2].decode()
-        pattern = (
-            r'grayproxy_requests_total\{code="%s",service="web",version="canary"\} ([0-9.e+]+)' % code
-        )
+        labels = f'code="{code}",service="web",version="canary"'
+        pattern = r"grayproxy_requests_total\{" + labels + r"\} ([0-9.e+]+)"
         found = re.search(pattern, text)
         return float(found.group(1)) if found else 0.0
 
@@ -456,7 +468,9 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_running_config(
     config = render(upstreams)
     with ProxyProcess(config) as proc:
         assert proc.process is not None
-        proc.write_config(config.replace("weights: {stable: 90, canary: 10}", "weights: {stable: 0, canary: 100}"))
+        proc.write_config(
+            config.replace("weights: {stable: 90, canary: 10}", "weights: {stable: 0, canary: 100}")
+        )
         proc.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -1,0 +1,289 @@
+"""Several worker processes sharing the data port (SO_REUSEPORT).
+
+The supervisor (the process the user started) owns the live state and the
+control API; it does not serve data. Each worker serves data with its own
+event loop and follows the supervisor over a socketpair carrying pickled
+messages (both ends are this program, so pickle is safe here):
+
+  supervisor -> worker   ("config", generation, Config)   adopt a new snapshot
+                         ("report", request_id)           send counters and health
+  worker -> supervisor   ("ready",)
+                         ("report", request_id, metrics dump, {address: healthy})
+
+A worker that dies is started again with the current config; its last
+reported counters are kept so that aggregated counters never go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import uvloop
+
+from .config import Address, Config
+from .dataplane import DataPlane
+from .metrics import Metrics, StatsDump
+from .state import LiveState, Snapshot
+
+log = logging.getLogger("grayproxy")
+
+HEADER = struct.Struct("!I")
+REPORT_TIMEOUT = 1.0
+RESTART_DELAY = 0.5
+
+
+async def send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(HEADER.pack(len(data)) + data)
+    await writer.drain()
+
+
+async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    message: tuple[Any, ...] = pickle.loads(await reader.readexactly(size))
+    return message
+
+
+class Worker:
+    """The supervisor's handle on one worker process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = asyncio.Event()
+        self.last_dump: dict[tuple[str, str], StatsDump] = {}
+        self.health: dict[str, bool] = {}
+        self.replies: dict[int, asyncio.Future[None]] = {}
+
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process else None
+        return f"<Worker {self.index} pid={pid} ready={self.ready.is_set()}>"
+
+    async def start(self, snapshot: Snapshot) -> None:
+        ours, theirs = socket.socketpair()
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.workers",
+            str(theirs.fileno()),
+            pass_fds=[theirs.fileno()],
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        self.ready.clear()
+        await self.send(("config", snapshot.generation, snapshot.config))
+
+    async def send(self, message: tuple[Any, ...]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            with contextlib.suppress(ConnectionError):  # it died; the supervisor restarts it
+                await send(self.writer, message)
+
+    async def read_messages(self) -> None:
+        assert self.reader is not None
+        try:
+            while True:
+                message = await receive(self.reader)
+                if message[0] == "ready":
+                    self.ready.set()
+                elif message[0] == "report":
+                    _, request_id, self.last_dump, self.health = message
+                    reply = self.replies.pop(request_id, None)
+                    if reply is not None and not reply.done():
+                        reply.set_result(None)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+
+class Supervisor:
+    """Starts the workers, keeps them running and in step with the live state."""
+
+    def __init__(self, state: LiveState, metrics: Metrics, count: int) -> None:
+        self.state = state
+        self.metrics = metrics  # the aggregate the control API reads
+        self.retired = Metrics()  # counters of workers that died
+        self.workers = [Worker(i) for i in range(count)]
+        self.stopping = False
+        self._request_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        state.subscribe(self._broadcast)
+
+    async def start(self) -> None:
+        """Start every worker; raises if one fails before it serves."""
+        for worker in self.workers:
+            await worker.start(self.state.snapshot)
+            self._spawn(self._watch(worker))
+        for worker in self.workers:
+            await self._wait_ready(worker)
+
+    async def _wait_ready(self, worker: Worker) -> None:
+        assert worker.process is not None
+        ready = asyncio.ensure_future(worker.ready.wait())
+        exited = asyncio.ensure_future(worker.process.wait())
+        await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        exited.cancel()
+        if not worker.ready.is_set():
+            raise RuntimeError(f"worker {worker.index} exited before serving")
+
+    async def _watch(self, worker: Worker) -> None:
+        """Restart the worker whenever it exits, backing off while it keeps crashing."""
+        delay = RESTART_DELAY
+        while True:
+            assert worker.process is not None
+            started = time.monotonic()
+            await worker.read_messages()
+            code = await worker.process.wait()
+            self.retired.absorb(worker.last_dump)
+            worker.last_dump = {}
+            if self.stopping:
+                return
+            log.error("worker %d exited with %s; starting it again", worker.index, code)
+            delay = RESTART_DELAY if time.monotonic() - started > 10 else min(delay * 2, 10.0)
+            await asyncio.sleep(delay)
+            await worker.start(self.state.snapshot)
+
+    def _broadcast(self, snapshot: Snapshot) -> None:
+        for worker in self.workers:
+            self._spawn(worker.send(("config", snapshot.generation, snapshot.config)))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def refresh(self) -> None:
+        """Gather every worker's counters and health into `metrics` (bounded wait)."""
+        request_id = next(self._request_ids)
+        loop = asyncio.get_running_loop()
+        waits = []
+        for worker in self.workers:
+            reply: asyncio.Future[None] = loop.create_future()
+            worker.replies[request_id] = reply
+            waits.append(reply)
+            await worker.send(("report", request_id))
+        await asyncio.wait(waits, timeout=REPORT_TIMEOUT)
+        for worker in self.workers:
+            worker.replies.pop(request_id, None)
+        self.metrics.clear()
+        self.metrics.absorb(self.retired.dump())
+        for worker in self.workers:
+            self.metrics.absorb(worker.last_dump)
+
+    def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
+        """Healthy unless a worker has it ejected."""
+        return all(worker.health.get(str(address), True) for worker in self.workers)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM every worker (they drain), then wait for them, killing stragglers."""
+        self.stopping = True
+        processes = [w.process for w in self.workers if w.process is not None]
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        waits = [asyncio.ensure_future(p.wait()) for p in processes]
+        _, pending = await asyncio.wait(waits, timeout=timeout + 1) if waits else ((), ())
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+        for waiting in pending:
+            await waiting
+        for task in list(self._tasks):
+            task.cancel()
+
+
+# -- the worker process ---------------------------------------------------
+async def serve_worker(fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    kind, generation, config = await receive(reader)
+    assert kind == "config"
+    state = LiveState(config, None)
+    state.install(config, generation)
+    plane = DataPlane(state, Metrics())
+    server = await loop.create_server(
+        plane.protocol_factory,
+        config.listen.host,
+        config.listen.port,
+        backlog=1024,
+        reuse_port=True,
+    )
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    follow: asyncio.Task[None] = loop.create_task(follow_supervisor(reader, writer, state, plane))
+    follow.add_done_callback(lambda _: stop.set())  # the supervisor is gone
+    await send(writer, ("ready",))
+    await stop.wait()
+    server.close()
+    plane.start_draining()
+    await plane.wait_drained(config.drain_timeout)
+    follow.cancel()
+    return 0
+
+
+async def follow_supervisor(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    state: LiveState,
+    plane: DataPlane,
+) -> None:
+    try:
+        while True:
+            message = await receive(reader)
+            if message[0] == "config":
+                _, generation, config = message
+                if generation != state.snapshot.generation:
+                    state.install(config, generation)
+            elif message[0] == "report":
+                health = {
+                    str(a): plane.upstreams.is_healthy(a) for a in plane.upstreams.addresses()
+                }
+                await send(writer, ("report", message[1], plane.metrics.dump(), health))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+
+
+def worker_main(fd: int) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Ctrl-C reaches the whole process group: the supervisor decides, the
+    # worker waits for its SIGTERM. Reloads are the supervisor's too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve_worker(fd))
+
+
+def reserve_port(config: Config) -> tuple[Config, socket.socket | None]:
+    """Port 0 with several workers: pick one port now, for all of them.
+
+    The returned socket holds the port (bound with SO_REUSEPORT, never
+    listening) for the supervisor's lifetime."""
+    if config.listen.port != 0:
+        return config, None
+    family = socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((config.listen.host, 0))
+    port = holder.getsockname()[1]
+    return replace(config, listen=Address(config.listen.host, port)), holder
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(worker_main(int(sys.argv[1])))

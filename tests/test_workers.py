@@ -1,0 +1,131 @@
+"""`workers: N`: processes sharing the port, kept in step and supervised."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from procs import ProxyProcess, http_get
+from servers import LoopThread, Upstream
+
+CONFIG = """
+listen: "127.0.0.1:${data_port}"
+workers: 2
+control: {listen: "127.0.0.1:${control_port}"}
+services:
+  - name: web
+    versions:
+      stable: {endpoints: ["%(stable)s"]}
+      canary: {endpoints: ["%(canary)s"]}
+    split: {weights: {stable: 100, canary: 0}, hash_on: [{header: x-user-id}]}
+"""
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    loops = LoopThread()
+    servers = {name: Upstream(loops, name).start() for name in ("stable", "canary")}
+    yield servers
+    for server in servers.values():
+        server.stop()
+    loops.stop()
+
+
+@pytest.fixture
+def proxy(upstreams: dict[str, Upstream]) -> Iterator[ProxyProcess]:
+    config = CONFIG % {name: u.address for name, u in upstreams.items()}
+    with ProxyProcess(config) as proc:
+        yield proc
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(child) for child in text)
+    return found
+
+
+def versions_seen(proxy: ProxyProcess, count: int) -> set[str]:
+    """Each request on a new connection, so the kernel spreads them over the workers."""
+    seen = set()
+    for user in range(count):
+        _, headers, _ = http_get(
+            proxy.data_url + "/", {"x-user-id": str(user), "Connection": "close"}
+        )
+        seen.add(headers["x-grayproxy-version"])
+    return seen
+
+
+def put_weights(proxy: ProxyProcess, weights: dict[str, int]) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        proxy.control_url + "/api/v1/services/web/weights",
+        data=json.dumps(weights).encode(),
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+
+
+def test_two_workers_serve_and_follow_a_weight_change_within_a_second(proxy: ProxyProcess) -> None:
+    assert proxy.process is not None
+    assert len(children(proxy.process.pid)) == 2
+    assert versions_seen(proxy, 20) == {"stable"}
+    put_weights(proxy, {"stable": 0, "canary": 100})
+    time.sleep(1.0)
+    assert versions_seen(proxy, 40) == {"canary"}
+
+
+def test_metrics_and_stats_are_summed_over_workers(proxy: ProxyProcess) -> None:
+    for _ in range(30):
+        status, _, _ = http_get(proxy.data_url + "/", {"Connection": "close"})
+        assert status == 200
+    text = http_get(proxy.control_url + "/metrics")[2].decode()
+    found = re.search(
+        r'grayproxy_requests_total\{code="200",service="web",version="stable"\} (\S+)', text
+    )
+    assert found and float(found.group(1)) == 30
+    service = json.loads(http_get(proxy.control_url + "/api/v1/services/web")[2])
+    assert service["versions"]["stable"]["stats"]["requests"] == 30
+
+
+def test_a_dead_worker_is_restarted_and_counters_survive(proxy: ProxyProcess) -> None:
+    assert proxy.process is not None
+    for _ in range(10):
+        http_get(proxy.data_url + "/", {"Connection": "close"})
+    http_get(proxy.control_url + "/metrics")  # the supervisor now holds every worker's counts
+    before = children(proxy.process.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = children(proxy.process.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.1)
+    assert len(now) == 2 and victim not in now
+    assert versions_seen(proxy, 10) == {"stable"}
+    text = http_get(proxy.control_url + "/metrics")[2].decode()
+    found = re.search(
+        r'grayproxy_requests_total\{code="200",service="web",version="stable"\} (\S+)', text
+    )
+    assert found and float(found.group(1)) >= 10
+
+
+def test_sigterm_stops_every_worker_and_exits_zero(proxy: ProxyProcess) -> None:
+    assert proxy.process is not None
+    workers = children(proxy.process.pid)
+    assert proxy.stop(signal.SIGTERM) == 0
+    for pid in workers:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
