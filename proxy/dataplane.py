@@ -12,11 +12,11 @@ copied: Content-Length or chunked on each side as that side needs.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import socket
 import time
 from collections import deque
 from http import HTTPStatus
+from typing import cast
 
 import httptools
 
@@ -348,6 +348,7 @@ class Exchange:
         "head",
         "head_request",
         "http10",
+        "pool",
         "request_done",
         "response_started",
         "service",
@@ -385,6 +386,7 @@ class Exchange:
         self._last_read = 0.0
         self._pending: asyncio.Task[None] | None = None
         self._tried: list[EndpointPool] = []
+        self.pool: EndpointPool | None = None  # the endpoint serving this request
         self._chunked_response = False
         self.head = b""
         self.head_request = method == b"HEAD"
@@ -544,8 +546,8 @@ class Exchange:
     async def _connect(self) -> None:
         try:
             await self._attach_upstream()
-        except ProxyError as exc:
-            self._upstream_error(exc)
+        except ProxyError as exc:  # already counted where it arose
+            self._respond_error(exc)
         finally:
             self._pending = None
 
@@ -573,6 +575,8 @@ class Exchange:
             if self.client.transport is None:  # client left while we connected
                 conn.finish(reusable=True)
                 return
+            self.pool = pool
+            pool.begin()
             self._send_head(conn)
             return
 
@@ -736,8 +740,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
-        if self.target is not None:
-            self.target.stats.observe(499, time.monotonic() - self.started_at)
+        self._observe(499)
 
     def _upstream_error(self, error: ProxyError) -> None:
         self._cancel_deadline()
@@ -750,8 +753,7 @@ class Exchange:
             # The client already has our status line: cut the connection so it
             # can tell the body is incomplete.
             self.client.abort()
-            if self.target is not None:
-                self.target.stats.observe(error.status, time.monotonic() - self.started_at)
+            self._observe(error.status)
             return
         self._respond_error(error)
 
@@ -775,6 +777,13 @@ class Exchange:
         self._finish(status)
 
     def _finish(self, status: int) -> None:
+        self._observe(status)
+        self.client.exchange_done(self, keep_alive=not self.close_after)
+
+    def _observe(self, status: int) -> None:
+        """Count the request once, for its version and its endpoint."""
         if self.target is not None:
             self.target.stats.observe(status, time.monotonic() - self.started_at)
-        self.client.exchange_done(self, keep_alive=not self.close_after)
+        if self.pool is not None:
+            self.pool.end(status)
+            self.pool = None

@@ -189,7 +189,15 @@ class UpstreamConnection(asyncio.Protocol):
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, and its passive health."""
 
-    __slots__ = ("_idle", "_loop", "address", "ejected_until", "failures", "idle_timeout")
+    __slots__ = (
+        "_idle",
+        "_loop",
+        "address",
+        "ejected_until",
+        "failures",
+        "idle_timeout",
+        "outstanding",
+    )
 
     def __init__(self, address: Address, idle_timeout: float) -> None:
         self.address = address
@@ -198,6 +206,7 @@ class EndpointPool:
         self._loop = asyncio.get_running_loop()
         self.ejected_until = 0.0
         self.failures = 0
+        self.outstanding = 0  # requests in flight on this endpoint
 
     def __repr__(self) -> str:
         return f"<EndpointPool {self.address} idle={len(self._idle)} healthy={self.healthy}>"
@@ -233,6 +242,14 @@ class EndpointPool:
             ) from None
         self.failures = 0
         return conn
+
+    def begin(self) -> None:
+        """A request was assigned to this endpoint."""
+        self.outstanding += 1
+
+    def end(self, status: int) -> None:
+        """That request ended with `status` (502/504 for upstream failures, 499 client gone)."""
+        self.outstanding -= 1
 
     def record_failure(self) -> None:
         self.failures += 1
