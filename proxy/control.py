@@ -259,4 +259,4 @@ def _split_json(split: Split) -> dict[str, object]:
 
 def _number(weight: float) -> float | int:
     """90.0 reads as 90, 12.5 stays 12.5."""
-    return int(weight) if weight.is_integer() else weight
+    return int(weight) if float(weight).is_integer() else weight

@@ -1,0 +1,323 @@
+"""`grayproxy ctl`: a client for the control API (SPEC §4), standard library only.
+
+The API's address comes from ``GRAYPROXY_CONTROL`` (default ``http://127.0.0.1:9901``),
+the token from ``GRAYPROXY_TOKEN``. Proxy environment variables are ignored: the control
+API is reached directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+DEFAULT_CONTROL_URL = "http://127.0.0.1:9901"
+REQUEST_TIMEOUT_SECONDS = 10.0
+
+Json = Any
+Handler = Callable[["ControlClient", argparse.Namespace], Json]
+
+
+class ControlError(Exception):
+    """A failed control-API call: the message and details to show, one line each."""
+
+    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = list(details)
+
+
+class ControlClient:
+    """JSON over HTTP to one control listener."""
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        if "://" not in base_url:
+            base_url = "http://" + base_url
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def __repr__(self) -> str:
+        return f"<ControlClient {self.base_url} token={'set' if self.token else 'unset'}>"
+
+    def call(self, method: str, path: str, body: Json = None) -> Json:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with self._opener.open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise _api_error(exc.code, exc.read()) from None
+        except urllib.error.URLError as exc:
+            raise self._connection_error(exc.reason) from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise self._connection_error(exc) from None
+        except http.client.HTTPException as exc:
+            raise self._connection_error(f"not an HTTP answer ({type(exc).__name__})") from None
+        except json.JSONDecodeError as exc:
+            raise ControlError(f"{self.base_url}{path}: the answer is not JSON ({exc})") from None
+
+    def _connection_error(self, reason: object) -> ControlError:
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(reason, TimeoutError):
+            why = "timed out"
+        else:
+            why = str(reason)
+        return ControlError(
+            f"cannot reach the control API at {self.base_url}: {why}",
+            ["is grayproxy running? set GRAYPROXY_CONTROL to its control address"],
+        )
+
+
+def _api_error(status: int, raw: bytes) -> ControlError:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        details = body.get("details") or []
+        if not isinstance(details, list):
+            details = [details]
+        return ControlError(f"HTTP {status}: {body['error']}", [str(d) for d in details])
+    text = raw.decode("utf-8", "replace").strip()
+    return ControlError(f"HTTP {status}: {text or 'no body'}")
+
+
+# ---- the commands: each returns the API's JSON answer -------------------------------------
+
+
+def _status(client: ControlClient, args: argparse.Namespace) -> Json:
+    if args.service:
+        return client.call("GET", f"/api/v1/services/{_quote(args.service)}")
+    return client.call("GET", "/api/v1/services")
+
+
+def _weights(client: ControlClient, args: argparse.Namespace) -> Json:
+    return client.call("PUT", f"/api/v1/services/{_quote(args.service)}/weights", args.weights)
+
+
+def _promote(client: ControlClient, args: argparse.Namespace) -> Json:
+    body = {"version": args.version}
+    return client.call("POST", f"/api/v1/services/{_quote(args.service)}/promote", body)
+
+
+def _rollback(client: ControlClient, args: argparse.Namespace) -> Json:
+    return client.call("POST", f"/api/v1/services/{_quote(args.service)}/rollback", {})
+
+
+def _reload(client: ControlClient, args: argparse.Namespace) -> Json:
+    return client.call("POST", "/api/v1/reload", {})
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+# ---- rendering for people ------------------------------------------------------------------
+
+
+def services_of(answer: Json) -> list[Mapping[str, Any]]:
+    """The service objects in an answer: one service, or {"services": [...]} for all."""
+    if isinstance(answer, dict) and isinstance(answer.get("services"), list):
+        return list(answer["services"])
+    if isinstance(answer, dict) and isinstance(answer.get("versions"), dict):
+        return [answer]
+    return []
+
+
+STATUS_COLUMNS = ("VERSION", "WEIGHT", "SHARE", "HEALTHY", "REQUESTS", "ERRORS", "P50", "P99")
+
+
+def format_status(answer: Json) -> str:
+    """A readable table per service: each version's weight, health, traffic and latency."""
+    blocks = [_format_service(service) for service in services_of(answer)]
+    return "\n\n".join(blocks) if blocks else "no services"
+
+
+def _format_service(service: Mapping[str, Any]) -> str:
+    versions: Mapping[str, Mapping[str, Any]] = service.get("versions") or {}
+    total_weight = sum(float(v.get("weight") or 0) for v in versions.values())
+    rows: list[tuple[str, ...]] = [STATUS_COLUMNS]
+    rows += [_version_row(name, version, total_weight) for name, version in versions.items()]
+    title = f"{service.get('name', '?')}  generation {service.get('generation', '?')}"
+    if service.get("baseline"):
+        title += f"  baseline {service['baseline']}"
+    return "\n".join([title, *_aligned(rows)])
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, indented by two."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return ["  " + "  ".join(map(str.ljust, row, widths)).rstrip() for row in rows]
+
+
+def _version_row(name: str, version: Mapping[str, Any], total_weight: float) -> tuple[str, ...]:
+    weight = float(version.get("weight") or 0)
+    share = weight / total_weight * 100 if total_weight else 0.0
+    endpoints = version.get("endpoints") or []
+    healthy = sum(1 for e in endpoints if isinstance(e, dict) and e.get("healthy"))
+    stats: Mapping[str, Any] = version.get("stats") or {}
+    return (
+        name,
+        _number(weight),
+        f"{share:.2f}%",
+        f"{healthy}/{len(endpoints)}",
+        str(stats.get("requests", 0)),
+        _percent(stats.get("error_rate")),
+        _millis(stats.get("p50_ms")),
+        _millis(stats.get("p99_ms")),
+    )
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def _percent(rate: object) -> str:
+    return f"{float(rate) * 100:.2f}%" if isinstance(rate, int | float) else "-"
+
+
+def _millis(value: object) -> str:
+    return f"{float(value):.1f}ms" if isinstance(value, int | float) else "-"
+
+
+def format_reload(answer: Json) -> str:
+    """`reloaded: generation 8`, then any warnings."""
+    if not isinstance(answer, dict):
+        return json.dumps(answer)
+    lines = [f"reloaded: generation {answer.get('generation', '?')}"]
+    lines += [f"warning: {warning}" for warning in answer.get("warnings") or []]
+    return "\n".join(lines)
+
+
+def format_change(answer: Json) -> str:
+    """One line per service after a change: its weights and generation."""
+    services = services_of(answer)
+    if not services:
+        return json.dumps(answer)
+    lines = []
+    for service in services:
+        versions: Mapping[str, Mapping[str, Any]] = service.get("versions") or {}
+        weights = " ".join(
+            f"{n}={_number(float(v.get('weight') or 0))}" for n, v in versions.items()
+        )
+        lines.append(
+            f"{service.get('name', '?')}: {weights} (generation {service.get('generation', '?')})"
+        )
+    return "\n".join(lines)
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+
+def parse_weight(text: str) -> tuple[str, float]:
+    """`canary=20` -> ("canary", 20)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VERSION=WEIGHT, e.g. canary=20")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number")
+    return name, weight
+
+
+class _WeightsAction(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        pairs: Sequence[tuple[str, float]] = values or []  # type: ignore[assignment]
+        weights: dict[str, int | float] = {}
+        for name, weight in pairs:
+            if name in weights:
+                parser.error(f"version {name!r} given twice")
+            weights[name] = int(weight) if weight == int(weight) else weight
+        setattr(namespace, self.dest, weights)
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `ctl` and its sub-commands on the main parser."""
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw JSON answer"
+    )
+    ctl = commands.add_parser(
+        "ctl",
+        help="control-API client",
+        description=(
+            "Talk to a running grayproxy's control API. "
+            f"GRAYPROXY_CONTROL: its URL (default {DEFAULT_CONTROL_URL}); "
+            "GRAYPROXY_TOKEN: the bearer token, if one is configured."
+        ),
+    )
+    ctl.add_argument("--url", help="control API URL (overrides GRAYPROXY_CONTROL)")
+    ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    ctl.set_defaults(handler=run_ctl)
+    actions = ctl.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    status = actions.add_parser("status", parents=[json_flag], help="services, versions, stats")
+    status.add_argument("service", nargs="?", help="one service (default: all)")
+    status.set_defaults(call=_status)
+
+    weights = actions.add_parser("weights", parents=[json_flag], help="set a service's weights")
+    weights.add_argument("service")
+    weights.add_argument(
+        "weights", nargs="+", type=parse_weight, action=_WeightsAction, metavar="VERSION=WEIGHT"
+    )
+    weights.set_defaults(call=_weights)
+
+    promote = actions.add_parser("promote", parents=[json_flag], help="one version to 100")
+    promote.add_argument("service")
+    promote.add_argument("version")
+    promote.set_defaults(call=_promote)
+
+    rollback = actions.add_parser("rollback", parents=[json_flag], help="the baseline to 100")
+    rollback.add_argument("service")
+    rollback.set_defaults(call=_rollback)
+
+    reload = actions.add_parser("reload", parents=[json_flag], help="re-read the config file")
+    reload.set_defaults(call=_reload)
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    """Run one ctl action; 0 on success, 1 with the error on stderr."""
+    url = args.url or os.environ.get("GRAYPROXY_CONTROL") or DEFAULT_CONTROL_URL
+    client = ControlClient(url, os.environ.get("GRAYPROXY_TOKEN") or None)
+    call: Handler = args.call
+    try:
+        answer = call(client, args)
+    except ControlError as exc:
+        print(f"grayproxy ctl: {exc.message}", file=sys.stderr)
+        for detail in exc.details:
+            print(f"  {detail}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.action == "status":
+        print(format_status(answer))
+    elif args.action == "reload":
+        print(format_reload(answer))
+    else:
+        print(format_change(answer))
+    return 0
