@@ -45,6 +45,7 @@ HOP_BY_HOP = frozenset(
 REPLACED_REQUEST_HEADERS = frozenset({b"content-length", b"x-forwarded-proto", b"x-forwarded-host"})
 STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 PAUSE_BUFFER_BYTES = 256 * 1024
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED_END = b"0\r\n\r\n"
 
 
@@ -153,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         "plane",
         "queue",
         "transport",
+        "tunnel",
         "write_paused",
     )
 
@@ -163,6 +165,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = ""
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self.tunnel: UpstreamConnection | None = None  # after a 101: bytes pass both ways
         self.write_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -185,14 +188,21 @@ class ClientConnection(asyncio.Protocol):
         self._arm_timer(self.plane.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
         if self._in_head or self.current is None:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail_request(
-                errors.UnsupportedTransferCoding("protocol upgrades are not supported yet")
-            )
+        except httptools.HttpParserUpgrade as exc:
+            # The parser stops at an upgrade request; what follows belongs to
+            # the tunnel, if the upstream agrees to one.
+            if self.transport is not None:
+                self.transport.pause_reading()
+            exchange = self.queue[-1] if self.queue else self.current
+            if exchange is not None:
+                exchange.early_data = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             self._fail_request(errors.BadRequest(f"malformed request: {exc}"))
         else:
@@ -300,6 +310,12 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def start_tunnel(self, upstream: UpstreamConnection) -> None:
+        self._cancel_timer()
+        self.tunnel = upstream
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def close_if_idle(self) -> None:
         if self.current is None and not self._in_head:
             self.close()
@@ -335,6 +351,7 @@ class Exchange:
 
     __slots__ = (
         "_body_buffer",
+        "_body_bytes",
         "_buffered",
         "_chunked_request",
         "_chunked_response",
@@ -344,10 +361,13 @@ class Exchange:
         "_tried",
         "client",
         "close_after",
+        "early_data",
         "error",
         "head",
         "head_request",
         "http10",
+        "idempotent",
+        "observed",
         "pool",
         "request_done",
         "response_started",
@@ -356,6 +376,7 @@ class Exchange:
         "started_at",
         "status",
         "target",
+        "upgrade",
         "upstream",
         "upstream_closes",
         "want_continue",
@@ -382,6 +403,7 @@ class Exchange:
         self.close_after = False
         self._body_buffer: list[bytes] = []
         self._buffered = 0
+        self._body_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._last_read = 0.0
         self._pending: asyncio.Task[None] | None = None
@@ -390,7 +412,11 @@ class Exchange:
         self._chunked_response = False
         self.head = b""
         self.head_request = method == b"HEAD"
+        self.idempotent = method in IDEMPOTENT_METHODS
         self.want_continue = False
+        self.upgrade: bytes | None = None  # the Upgrade asked for (WebSocket)
+        self.early_data = b""  # bytes the client sent after its upgrade request
+        self.observed = False
         self._chunked_request = False
         self.http10 = False
         if method:  # Exchange.failed passes no method
@@ -419,6 +445,8 @@ class Exchange:
             raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
 
         forwarded, headers, host = self._read_headers(raw_headers)
+        if parser.should_upgrade():
+            self.upgrade = headers.get("upgrade", "").encode("latin-1")
         target_url = self._origin_form(url, host)
         path, _, query = target_url.partition(b"?")
         view = RequestView(
@@ -527,6 +555,8 @@ class Exchange:
         ]
         if host:
             lines.append(b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n")
+        if self.upgrade:
+            lines.append(b"connection: upgrade\r\nupgrade: " + self.upgrade + b"\r\n")
         if self._chunked_request:
             lines.append(b"transfer-encoding: chunked\r\n")
         elif "content-length" in headers:
@@ -541,20 +571,30 @@ class Exchange:
             return
         if self.client.plane.draining:
             self.close_after = True
-        self._pending = asyncio.get_running_loop().create_task(self._connect())
+        if self._chunked_request and self.client.plane.limits.max_body_bytes:
+            if self._body_bytes > self.client.plane.limits.max_body_bytes:
+                self._respond_error(self._too_large())
+                return
+            if not self.request_done:
+                return  # a chunked body under a limit is read whole first; see request_complete
+        self._connect_soon()
 
-    async def _connect(self) -> None:
+    def _connect_soon(self, fresh: bool = False) -> None:
+        self._pending = asyncio.get_running_loop().create_task(self._connect(fresh))
+
+    async def _connect(self, fresh: bool) -> None:
         try:
-            await self._attach_upstream()
+            await self._attach_upstream(fresh)
         except ProxyError as exc:  # already counted where it arose
             self._respond_error(exc)
         finally:
             self._pending = None
 
-    async def _attach_upstream(self) -> None:
-        """Pick an endpoint and get a connection; connect failures move on to
-        the next healthy endpoint, then to the fallback version: nothing of
-        the request has been sent yet, so trying again is always safe."""
+    async def _attach_upstream(self, fresh: bool) -> None:
+        """Pick an endpoint and get a connection (a new one if `fresh`);
+        connect failures move on to the next healthy endpoint, then to the
+        fallback version: nothing of the request has been sent yet, so trying
+        again is always safe."""
         assert self.target is not None and self.service is not None
         last_error: ProxyError | None = None
         while True:
@@ -564,7 +604,7 @@ class Exchange:
                     f"version {self.target.name!r} has no healthy endpoint"
                 )
             self._tried.append(pool)
-            conn = pool.take_idle()
+            conn = None if fresh else pool.take_idle()
             if conn is None:
                 try:
                     conn = await pool.connect(self.service.timeouts.connect)
@@ -602,24 +642,33 @@ class Exchange:
             self.client.pause_reading(False)
 
     def request_body(self, chunk: bytes) -> None:
-        limit = self.client.plane.limits.max_body_bytes
-        if self.error is not None:
+        if self.error is not None or self.response_started:
             return
+        self._body_bytes += len(chunk)
         if self._chunked_request:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        self._buffered += len(chunk)
-        if limit and self._chunked_request and self._buffered > limit and self.upstream is None:
-            self.error = errors.PayloadTooLarge(f"request body over {limit} bytes")
-            return
         if self.upstream is not None:
             self.upstream.write(chunk)
-        else:
-            self._body_buffer.append(chunk)
-            if self._buffered > PAUSE_BUFFER_BYTES:
-                self.client.pause_reading(True)
+            return
+        self._body_buffer.append(chunk)
+        self._buffered += len(chunk)
+        limit = self.client.plane.limits.max_body_bytes
+        if limit and self._body_bytes > limit:  # only chunked bodies get here
+            self.error = self._too_large()
+            if self.client.current is self:
+                self._respond_error(self.error)
+        elif self._buffered > PAUSE_BUFFER_BYTES and not limit:
+            self.client.pause_reading(True)
+
+    def _too_large(self) -> ProxyError:
+        self._body_buffer.clear()
+        limit = self.client.plane.limits.max_body_bytes
+        return errors.PayloadTooLarge(f"request body over {limit} bytes")
 
     def request_complete(self) -> None:
         self.request_done = True
+        if self.error is not None or self.response_started:
+            return
         if self._chunked_request:
             if self.upstream is not None:
                 self.upstream.write(CHUNKED_END)
@@ -627,8 +676,8 @@ class Exchange:
                 self._body_buffer.append(CHUNKED_END)
         if self.upstream is not None:
             self._request_sent()
-        if self.error is not None and self.client.current is self and not self.response_started:
-            self._respond_error(self.error)
+        elif self._pending is None and self.client.current is self:
+            self._connect_soon()  # the held chunked body is complete and within the limit
 
     def _request_sent(self) -> None:
         assert self.service is not None
@@ -672,11 +721,14 @@ class Exchange:
         self.upstream_closes = close
         lines = [status_line(status)]
         length: bytes | None = None
+        upgrade = b""
         connection_tokens: set[bytes] = set()
         for name, value in headers:
             lname = name.lower()
             if lname == b"content-length":
                 length = value
+            elif lname == b"upgrade":
+                upgrade = value
             elif lname == b"connection":
                 connection_tokens.update(t.strip().lower() for t in value.split(b","))
             elif lname not in HOP_BY_HOP:
@@ -685,6 +737,11 @@ class Exchange:
             lines = [lines[0]] + [
                 ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in connection_tokens
             ]
+        if status == 101 and self.upgrade:
+            self._switch_protocols(lines, upgrade)
+            return
+        if self.upgrade:
+            self.close_after = True  # the client's parser stopped at the upgrade request
         bodyless = self.head_request or status in (204, 304)
         if length is not None:
             lines.append(b"content-length: " + length + b"\r\n")
@@ -706,6 +763,26 @@ class Exchange:
         lines.append(b"\r\n")
         self.client.write(b"".join(lines))
 
+    def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
+        """101: from here on, bytes pass unchanged both ways until either side closes."""
+        assert self.target is not None and self.upstream is not None
+        self._cancel_deadline()
+        lines.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
+        lines.append(self.target.response_header)
+        lines.append(b"\r\n")
+        self.client.write(b"".join(lines))
+        if self.early_data:
+            self.upstream.write(self.early_data)
+        self.client.start_tunnel(self.upstream)
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def tunnel_closed(self) -> None:
+        self.upstream = None
+        self._observe(101)
+        self.client.close()
+
     def response_body(self, chunk: bytes) -> None:
         self._last_read = time.monotonic()
         if self._chunked_response:
@@ -723,7 +800,21 @@ class Exchange:
         self._finish(self.status)
 
     def upstream_failed(self, error: ProxyError) -> None:
+        conn = self.upstream
+        if conn is not None and conn.reused and not conn.received and self._replayable():
+            # A kept-alive connection the upstream had already closed: the
+            # request never reached it, so send it again on a new connection.
+            self.upstream = None
+            if self.pool is not None:
+                self.pool.end(0)
+                self.pool = None
+            self._tried.clear()  # the endpoint is not at fault
+            self._connect_soon(fresh=True)
+            return
         self._upstream_error(error)
+
+    def _replayable(self) -> bool:
+        return self.idempotent and self.request_done and self._body_bytes == 0
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.client.pause_reading(paused)
@@ -740,7 +831,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
-        self._observe(499)
+        self._observe(101 if self.client.tunnel is not None else 499)
 
     def _upstream_error(self, error: ProxyError) -> None:
         self._cancel_deadline()
@@ -782,6 +873,9 @@ class Exchange:
 
     def _observe(self, status: int) -> None:
         """Count the request once, for its version and its endpoint."""
+        if self.observed:
+            return
+        self.observed = True
         if self.target is not None:
             self.target.stats.observe(status, time.monotonic() - self.started_at)
         if self.pool is not None:

@@ -42,6 +42,8 @@ class ResponseSink(Protocol):
     def response_complete(self) -> None: ...
     def upstream_failed(self, error: ProxyError) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+    def tunnel_data(self, data: bytes) -> None: ...
+    def tunnel_closed(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -56,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "sink",
         "transport",
+        "upgraded",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -68,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip_body = False
         self.received = False  # any byte of the current response arrived
         self.reused = False
+        self.upgraded = False  # a 101 turned this connection into a byte tunnel
         self.idle_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -119,13 +123,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is None:  # bytes on an idle connection: the upstream misbehaves
             self.abort()
             return
+        if self.upgraded:
+            self.sink.tunnel_data(data)
+            return
         self.received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
-        except httptools.HttpParserUpgrade:
-            pass  # 101 Switching Protocols: the tunnel takes the bytes from here
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            if rest and self.sink is not None:
+                self.sink.tunnel_data(rest)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -133,7 +142,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.discard(self)
         self.transport = None
-        if self.sink is not None:
+        if self.upgraded and self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.tunnel_closed()
+        elif self.sink is not None:
             self._fail(UpstreamReset("upstream closed the connection before the response ended"))
 
     def pause_writing(self) -> None:
@@ -167,6 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = True
             sink.response_informational(status, self._headers)
             return
+        self.upgraded = status == 101
         sink.response_head(status, self._headers, not self._parser.should_keep_alive())
         if self._skip_body and self.sink is sink:
             # llhttp cannot be told that this answers a HEAD: end the message
@@ -181,6 +194,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
+            return
+        if self.upgraded:
             return
         if self.sink is not None:
             self.sink.response_complete()

@@ -3,6 +3,8 @@ clients and real upstreams, checking what the upstream actually received."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import re
@@ -491,3 +493,44 @@ def test_sigterm_exits_zero(upstreams: dict[str, Upstream]) -> None:
         status, _, _ = request(proc, "GET", "/echo")
         assert status == 200
         assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_request_on_a_kept_alive_connection_the_upstream_dropped_is_sent_again(
+    loops: LoopThread,
+) -> None:
+    """The upstream closes each connection at its second request, unanswered
+    (a keep-alive timeout racing the request): idempotent requests are
+    replayed on a new connection, a POST is not."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    server = loops.call(start())
+    port = server.sockets[0].getsockname()[1]
+    config = f"""
+listen: "127.0.0.1:${{data_port}}"
+control: {{listen: "127.0.0.1:${{control_port}}"}}
+services:
+  - name: flaky
+    versions: {{v1: {{endpoints: ["127.0.0.1:{port}"]}}}}
+"""
+    try:
+        with ProxyProcess(config) as proc:
+            for _ in range(5):
+                assert request(proc, "GET", "/")[0] == 200
+            assert request(proc, "POST", "/", body=b"x")[0] == 502  # its bytes were sent
+            assert request(proc, "POST", "/", body=b"x")[0] == 200  # on a new connection
+    finally:
+        loops.call(_close(server))
+
+
+async def _close(server: asyncio.Server) -> None:
+    server.close()
