@@ -1,0 +1,425 @@
+"""The grayscale decision: the facts of a request + a service's config -> a version.
+
+Pure: no I/O, no asyncio, no aiohttp. Everything that can be is computed when a
+router is built; a decision costs a few lookups and, for a keyed split, one
+MurmurHash3 per version with a positive weight.
+
+The keyed split is weighted rendezvous hashing: each version v with weight w > 0
+scores ``w / -ln(u_v)`` where ``u_v`` in (0, 1) is the key hashed with a seed
+derived from (salt, v); the highest score wins. ``-ln(u)`` is exponentially
+distributed, so v wins with probability ``w_v / sum(w)``; a key's winner only
+changes when the weight ratio between the old and the new winner changes in the
+new winner's favour, for any number of versions.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from itertools import accumulate
+from math import log2
+from operator import attrgetter, eq, is_not, methodcaller
+from random import getrandbits, random
+from urllib.parse import parse_qsl
+
+import mmh3
+
+from proxy.config import FieldMatch, HashSource, IPNetwork, Rule, Service
+
+IPBits = tuple[int, int]  # (IP version, address as int)
+Check = Callable[["RequestView"], bool]
+Reader = Callable[["RequestView"], "str | None"]
+ValueTest = Callable[["str | None"], bool]
+Candidate = tuple[str, int, float]  # (version name, hash seed, 1 / weight)
+_Route = tuple[int, str, "ServiceRouter"]  # (service order, path prefix, router)
+
+_murmur3 = mmh3.hash  # (data, seed, signed) -> int
+_UNIT_32 = 2.0**-32  # maps a 32-bit hash h to u = (h + 0.5) * _UNIT_32, strictly inside (0, 1)
+
+
+class _Lazy(enum.Enum):
+    UNPARSED = 0
+
+
+class RequestView:
+    """The facts of one request the decision may look at.
+
+    ``headers`` maps lower-case names to values (repeated headers joined with
+    ", ", Cookie headers with "; "); ``path`` excludes the query; ``query_string``
+    is the raw text after "?". Cookies, query parameters and the client address
+    are parsed on first use only.
+    """
+
+    __slots__ = (
+        "_client_bits",
+        "_cookies",
+        "_query",
+        "client_ip",
+        "headers",
+        "method",
+        "path",
+        "query_string",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        headers: Mapping[str, str],
+        client_ip: str,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self.client_ip = client_ip
+        self._cookies: dict[str, str] | None = None
+        self._query: dict[str, str] | None = None
+        self._client_bits: IPBits | _Lazy | None = _Lazy.UNPARSED
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (already lower-case), or None."""
+        return self.headers.get(name)
+
+    def cookie(self, name: str) -> str | None:
+        """The first value of cookie ``name``, or None."""
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = _parse_cookies(self.headers.get("cookie"))
+        return cookies.get(name)
+
+    def query_param(self, name: str) -> str | None:
+        """The first value of query parameter ``name`` (decoded, blank kept), or None."""
+        query = self._query
+        if query is None:
+            query = self._query = _parse_query(self.query_string)
+        return query.get(name)
+
+    def client_bits(self) -> IPBits | None:
+        """(4 or 6, the client IP as int), IPv4-mapped IPv6 unwrapped; None if unparsable."""
+        bits = self._client_bits
+        if bits is _Lazy.UNPARSED:
+            bits = self._client_bits = _parse_ip(self.client_ip)
+        return bits
+
+
+def _parse_cookies(header: str | None) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    if not header:
+        return cookies
+    for pair in header.split(";"):
+        name, equals, value = pair.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return cookies
+
+
+def _parse_query(query_string: str) -> dict[str, str]:
+    query: dict[str, str] = {}
+    if query_string:
+        for name, value in parse_qsl(query_string, keep_blank_values=True):
+            query.setdefault(name, value)
+    return query
+
+
+def _parse_ip(text: str) -> IPBits | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.version, int(address)
+
+
+# --- the keyed choice -------------------------------------------------------------------
+
+
+def version_seed(salt: str, version: str) -> int:
+    """The 32-bit MurmurHash3 seed of ``version`` under ``salt``: stable across processes."""
+    salt_seed = mmh3.hash(_utf8(salt), 0, False)
+    return int(mmh3.hash(_utf8(version), salt_seed, False))
+
+
+def hash_candidates(weights: Mapping[str, float], salt: str) -> tuple[Candidate, ...]:
+    """The versions that can win by hash (weight > 0), in order, with seeds precomputed."""
+    _check_weights(weights)
+    return tuple(
+        (name, version_seed(salt, name), 1.0 / weight)
+        for name, weight in weights.items()
+        if weight > 0
+    )
+
+
+def rendezvous(key: str, candidates: Sequence[Candidate]) -> str:
+    """The candidate with the highest ``weight / -ln(u)``; ties go to the earlier one."""
+    best_name = candidates[0][0]
+    if len(candidates) == 1:
+        return best_name
+    # mmh3 5.x segfaults on a str holding lone surrogates, so hash bytes.
+    data = key.encode("utf-8", "surrogatepass")
+    best_score = -math.inf
+    for name, seed, inverse_weight in candidates:
+        # log2(u) / w orders the versions exactly like w / -ln(u); log2 is 3x faster than log.
+        score = log2((_murmur3(data, seed, False) + 0.5) * _UNIT_32) * inverse_weight
+        if score > best_score:
+            best_name, best_score = name, score
+    return best_name
+
+
+def hash_version(key: str, weights: Mapping[str, float], salt: str = "") -> str:
+    """The version ``key`` is routed to by the keyed split (not the hot path: seeds recomputed)."""
+    return rendezvous(key, hash_candidates(weights, salt))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _check_weights(weights: Mapping[str, float]) -> None:
+    if any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
+        raise ValueError(f"weights must be finite and >= 0: {dict(weights)}")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"at least one weight must be > 0: {dict(weights)}")
+
+
+# --- rules ---------------------------------------------------------------------------------
+
+
+def _compile_rule(rule: Rule) -> tuple[Check, ...]:
+    """The rule's conditions as predicates, cheapest first; all must hold."""
+    checks: list[Check] = []
+    if rule.methods:
+        checks.append(_method_check(rule.methods))
+    if rule.path_prefix is not None:
+        checks.append(_path_check(rule.path_prefix))
+    checks += (_header_check(m.name.lower(), _value_test(m)) for m in rule.headers)
+    checks += (_cookie_check(m.name, _value_test(m)) for m in rule.cookies)
+    checks += (_query_check(m.name, _value_test(m)) for m in rule.query)
+    if rule.sources:
+        checks.append(_source_check(rule.sources))
+    return tuple(checks)
+
+
+def _method_check(methods: frozenset[str]) -> Check:
+    return lambda req: req.method in methods
+
+
+def _path_check(prefix: str) -> Check:
+    return lambda req: req.path.startswith(prefix)
+
+
+def _header_check(name: str, test: ValueTest) -> Check:
+    return lambda req: test(req.headers.get(name))
+
+
+def _cookie_check(name: str, test: ValueTest) -> Check:
+    return lambda req: test(req.cookie(name))
+
+
+def _query_check(name: str, test: ValueTest) -> Check:
+    return lambda req: test(req.query_param(name))
+
+
+def _value_test(match: FieldMatch) -> ValueTest:
+    """The test of a field's value (None: absent); C-level partials where possible."""
+    if match.regex is not None:
+        search = match.regex.search
+
+        def matches_regex(value: str | None) -> bool:
+            return value is not None and search(value) is not None
+
+        return matches_regex
+    if match.value is not None:
+        return partial(eq, match.value)
+    if match.present:
+        return partial(is_not, None)
+    raise ValueError(f"condition on {match.name!r}: expected one of value, regex, present")
+
+
+def _source_check(networks: tuple[IPNetwork, ...]) -> Check:
+    # Plain int masks: `address in network` costs ~1 us per network in ipaddress.
+    masks: dict[int, tuple[tuple[int, int], ...]] = {
+        version: tuple(
+            (int(n.network_address), int(n.netmask)) for n in networks if n.version == version
+        )
+        for version in (4, 6)
+    }
+
+    def from_source(req: RequestView) -> bool:
+        bits = req.client_bits()
+        if bits is None:
+            return False
+        version, address = bits
+        return any(address & mask == network for network, mask in masks[version])
+
+    return from_source
+
+
+def _key_reader(source: HashSource) -> Reader:
+    if source.kind == "header":
+        name = source.name.lower()
+        return lambda req: req.headers.get(name)
+    if source.kind == "cookie":
+        return methodcaller("cookie", source.name)
+    if source.kind == "query":
+        return methodcaller("query_param", source.name)
+    if source.kind == "client_ip":
+        return attrgetter("client_ip")
+    raise ValueError(f"unknown hash_on kind: {source.kind!r}")
+
+
+# --- one service --------------------------------------------------------------------------
+
+
+class ServiceRouter:
+    """Decides the version of one service for a request; immutable once built."""
+
+    __slots__ = (
+        "_candidates",
+        "_cookie_prefix",
+        "_cookie_suffix",
+        "_draw_cumulative",
+        "_draw_last",
+        "_draw_names",
+        "_key_readers",
+        "_rules",
+        "_sticky",
+        "service",
+    )
+
+    def __init__(self, service: Service) -> None:
+        split = service.split
+        weights = {v.name: split.weights.get(v.name, 0.0) for v in service.versions}
+        unknown = (set(split.weights) | {r.version for r in service.rules}) - set(weights)
+        if unknown:
+            raise ValueError(f"service {service.name}: unknown versions {sorted(unknown)}")
+        self.service = service
+        self._rules = tuple((_compile_rule(rule), rule.version) for rule in service.rules)
+        self._candidates = hash_candidates(weights, split.salt)
+        positive = {name: w for name, w in weights.items() if w > 0}
+        self._draw_names = tuple(positive)
+        self._draw_cumulative = tuple(accumulate(positive.values()))
+        self._draw_last = len(positive) - 1
+        readers = [_key_reader(source) for source in split.hash_on]
+        sticky = split.sticky_cookie
+        self._sticky = sticky is not None
+        self._cookie_prefix = self._cookie_suffix = ""
+        if sticky is not None:
+            readers.append(methodcaller("cookie", sticky.name))
+            self._cookie_prefix = f"{sticky.name}="
+            max_age = "" if sticky.max_age is None else f"; Max-Age={sticky.max_age}"
+            self._cookie_suffix = f"; Path=/{max_age}; HttpOnly; SameSite=Lax"
+        self._key_readers = tuple(readers)
+
+    def decide(self, req: RequestView) -> tuple[str, str | None]:
+        """(version, Set-Cookie value to add to the response or None)."""
+        for checks, version in self._rules:
+            for check in checks:
+                if not check(req):
+                    break
+            else:
+                return version, None
+        for read in self._key_readers:
+            key = read(req)
+            if key:
+                return rendezvous(key, self._candidates), None
+        if self._sticky:
+            key = getrandbits(64).to_bytes(8, "big").hex()
+            cookie = self._cookie_prefix + key + self._cookie_suffix
+            return rendezvous(key, self._candidates), cookie
+        return self._draw(), None
+
+    def _draw(self) -> str:
+        cumulative = self._draw_cumulative
+        index = bisect_right(cumulative, random() * cumulative[-1])
+        # random() * total can round up to total itself.
+        return self._draw_names[index if index <= self._draw_last else self._draw_last]
+
+    def __repr__(self) -> str:
+        weights = {name: 1.0 / inverse for name, _, inverse in self._candidates}
+        return f"<ServiceRouter {self.service.name} rules={len(self._rules)} weights={weights}>"
+
+
+# --- all services ---------------------------------------------------------------------------
+
+
+class Router:
+    """Picks the service of a request by Host and path prefix; the first matching one wins.
+
+    Exact hosts and ``*.suffix`` wildcards are indexed by dict, so a lookup costs
+    O(labels in the host + services sharing that host), not O(services).
+    """
+
+    __slots__ = ("_any_host", "_by_name", "_exact", "_suffix", "services")
+
+    def __init__(self, services: Sequence[Service]) -> None:
+        self.services = tuple(ServiceRouter(service) for service in services)
+        self._by_name = {router.service.name: router for router in self.services}
+        exact: dict[str, list[_Route]] = {}
+        suffix: dict[str, list[_Route]] = {}
+        any_host: list[_Route] = []
+        for order, router in enumerate(self.services):
+            match = router.service.match
+            host = normalize_host(match.host)
+            route = (order, match.path_prefix, router)
+            if host == "*":
+                any_host.append(route)
+            elif host.startswith("*."):
+                suffix.setdefault(host[1:], []).append(route)
+            else:
+                exact.setdefault(host, []).append(route)
+        self._exact = {host: tuple(routes) for host, routes in exact.items()}
+        self._suffix = {host: tuple(routes) for host, routes in suffix.items()}
+        self._any_host = tuple(any_host)
+
+    def match(self, host: str, path: str) -> ServiceRouter | None:
+        """The first service whose host and path prefix match, or None."""
+        host = normalize_host(host)
+        best = _first_route(self._exact.get(host, ()), path, None)
+        if self._suffix:
+            dot = host.find(".", 1)  # "*.example.com" needs a non-empty label before the dot
+            while dot != -1:
+                routes = self._suffix.get(host[dot:])
+                if routes:
+                    best = _first_route(routes, path, best)
+                dot = host.find(".", dot + 1)
+        best = _first_route(self._any_host, path, best)
+        return None if best is None else best[2]
+
+    def service(self, name: str) -> ServiceRouter:
+        """The router of service ``name``; KeyError if unknown."""
+        return self._by_name[name]
+
+    def __repr__(self) -> str:
+        return f"<Router services={[router.service.name for router in self.services]}>"
+
+
+def _first_route(routes: Sequence[_Route], path: str, best: _Route | None) -> _Route | None:
+    """The earliest of ``best`` and the first of ``routes`` (ordered) whose prefix matches."""
+    for route in routes:
+        if best is not None and route[0] >= best[0]:
+            return best
+        if path.startswith(route[1]):
+            return route
+    return best
+
+
+def normalize_host(host: str) -> str:
+    """A Host value without port, brackets or trailing dot, lower-case: "[::1]:80" -> "::1"."""
+    if ":" in host:
+        if host.startswith("["):
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+    return host.rstrip(".").lower()
