@@ -1,0 +1,1 @@
+"""The grayproxy benchmark harness: `python -m bench --help`."""

@@ -1,0 +1,285 @@
+"""Config text for every process of a bench run: pure functions, no I/O.
+
+The reference proxies do the same work as grayproxy's benchmark config: the x-canary /
+cookie / user-agent rules first, then a 90/10 split hashed on x-user-id, X-Forwarded-*
+headers added, the chosen version named in a response header, keep-alive upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUS_PATH = "/__bench_status"
+USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) grayproxy-bench"
+CANARY_WEIGHT = 10  # percent; stable gets the rest
+HUGE = 1_000_000  # keepalive_requests: never close a benchmark connection on a count
+
+
+@dataclass(frozen=True, slots=True)
+class Upstreams:
+    """The ports of the two upstream nginx servers (every port serves the same body)."""
+
+    stable: tuple[int, ...]
+    canary: tuple[int, ...]
+
+
+def upstream_nginx_conf(workdir: Path, ports: Sequence[int], body: str) -> str:
+    """A fast upstream: one nginx worker answering every request with a small fixed body.
+
+    `stub_status` on STATUS_PATH counts the requests it served, which gives the split share.
+    """
+    listens = "\n".join(f"        listen 127.0.0.1:{port} reuseport;" for port in ports)
+    return f"""{_nginx_main(workdir)}
+http {{
+{_nginx_http_common(workdir)}
+    server {{
+{listens}
+        location = {STATUS_PATH} {{ stub_status; }}
+        location / {{
+            default_type text/plain;
+            return 200 "{body}\\n";
+        }}
+    }}
+}}
+"""
+
+
+def proxy_nginx_conf(workdir: Path, port: int, upstreams: Upstreams, workers: int) -> str:
+    """nginx as the reference proxy: the same rules and hashed 90/10 split as grayproxy."""
+    return f"""{_nginx_main(workdir, workers)}
+http {{
+{_nginx_http_common(workdir)}
+    upstream stable {{
+        server 127.0.0.1:{upstreams.stable[0]};
+        keepalive 256;
+        keepalive_requests {HUGE};
+    }}
+    upstream canary {{
+        server 127.0.0.1:{upstreams.canary[0]};
+        keepalive 256;
+        keepalive_requests {HUGE};
+    }}
+    split_clients "${{http_x_user_id}}" $split_version {{
+        {CANARY_WEIGHT}% canary;
+        * stable;
+    }}
+    map $http_user_agent $ua_version {{
+        "~(iPhone|Android)" canary;
+        default $split_version;
+    }}
+    map $cookie_canary $cookie_version {{
+        always canary;
+        default $ua_version;
+    }}
+    map $http_x_canary $version {{
+        always canary;
+        never stable;
+        default $cookie_version;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://$version;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            add_header x-grayproxy-version $version;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx_main(workdir: Path, workers: int = 1) -> str:
+    return f"""worker_processes {workers};
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{
+    worker_connections 4096;
+}}"""
+
+
+def _nginx_http_common(workdir: Path) -> str:
+    return f"""    access_log off;
+    keepalive_requests {HUGE};
+    keepalive_timeout 300s;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;"""
+
+
+def haproxy_cfg(port: int, upstreams: Upstreams, threads: int) -> str:
+    """HAProxy as the reference proxy: weighted servers hashed on x-user-id, `http-reuse always`."""
+    stable, canary = upstreams.stable[0], upstreams.canary[0]
+    return f"""global
+    nbthread {threads}
+    maxconn 4096
+
+defaults
+    mode http
+    http-reuse always
+    option forwardfor
+    timeout connect 2s
+    timeout client 60s
+    timeout server 30s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    use_backend canary if {{ req.hdr(x-canary) -m str always }}
+    use_backend stable if {{ req.hdr(x-canary) -m str never }}
+    use_backend canary if {{ req.cook(canary) -m str always }}
+    use_backend canary if {{ req.hdr(user-agent) -m reg (iPhone|Android) }}
+    default_backend split
+
+backend split
+    balance hdr(x-user-id)
+    hash-type consistent
+    http-response set-header x-grayproxy-version %[srv_name]
+    server stable 127.0.0.1:{stable} weight {100 - CANARY_WEIGHT}
+    server canary 127.0.0.1:{canary} weight {CANARY_WEIGHT}
+
+backend stable
+    http-response set-header x-grayproxy-version stable
+    server stable 127.0.0.1:{stable}
+
+backend canary
+    http-response set-header x-grayproxy-version canary
+    server canary 127.0.0.1:{canary}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """The size of a grayproxy config: how many services, endpoints per version, rules."""
+
+    services: int = 1
+    endpoints: int = 1
+    rules: int = 0  # 0: the four realistic x-canary / cookie / user-agent rules
+    gateway: bool = False  # services matched by Host (svcN.bench.test) instead of "*"
+
+    @property
+    def host(self) -> str:
+        """The Host header that reaches the last service; "" (any) without gateway mode."""
+        return f"svc{self.services}.bench.test" if self.gateway else ""
+
+
+REALISTIC = Shape()
+
+
+def grayproxy_yaml(port: int, control_port: int, upstreams: Upstreams, shape: Shape) -> str:
+    """grayproxy's config: `shape.services` services, the last one being the one requested."""
+    services = "\n".join(
+        _grayproxy_service(index, upstreams, shape) for index in range(1, shape.services + 1)
+    )
+    return f"""listen: "127.0.0.1:{port}"
+drain_timeout: 2s
+control:
+  listen: "127.0.0.1:{control_port}"
+services:
+{services}
+"""
+
+
+def _grayproxy_service(index: int, upstreams: Upstreams, shape: Shape) -> str:
+    match_host = f"svc{index}.bench.test" if shape.gateway else "*"
+    stable = _endpoint_list(upstreams.stable[: shape.endpoints])
+    canary = _endpoint_list(upstreams.canary[: shape.endpoints])
+    rules = realistic_rules() if shape.rules == 0 else unmatched_rules(shape.rules)
+    return f"""  - name: svc{index}
+    match: {{host: "{match_host}", path_prefix: "/"}}
+    baseline: stable
+    versions:
+      stable: {{endpoints: {stable}}}
+      canary: {{endpoints: {canary}}}
+    split:
+      weights: {{stable: {100 - CANARY_WEIGHT}, canary: {CANARY_WEIGHT}}}
+      hash_on: [{{header: x-user-id}}, {{cookie: session}}]
+      sticky_cookie: {{name: gp_sticky, max_age: 86400}}
+      salt: "bench"
+    rules:
+{rules}"""
+
+
+def _endpoint_list(ports: Sequence[int]) -> str:
+    return "[" + ", ".join(f'"127.0.0.1:{port}"' for port in ports) + "]"
+
+
+def realistic_rules() -> str:
+    """SPEC §1's rules; the benchmark's requests match none of them."""
+    return """      - match: {header: {name: x-canary, value: always}}
+        version: canary
+      - match: {header: {name: x-canary, value: never}}
+        version: stable
+      - match: {cookie: {name: canary, value: always}}
+        version: canary
+      - match: {header: {name: user-agent, regex: "(iPhone|Android)"}}
+        version: canary
+"""
+
+
+_RULE_KINDS = (
+    '{{header: {{name: x-flag-{n}, value: "on"}}}}',
+    '{{cookie: {{name: flag{n}, value: "on"}}}}',
+    "{{query: {{name: flag{n}, present: true}}}}",
+    '{{path_prefix: "/never-{n}/"}}',
+    '{{header: {{name: user-agent, regex: "Bot-{n}"}}}}',
+)
+
+
+def unmatched_rules(count: int) -> str:
+    """`count` rules of mixed kinds (header, cookie, query, path, regex) that match no request."""
+    lines = []
+    for n in range(1, count + 1):
+        condition = _RULE_KINDS[(n - 1) % len(_RULE_KINDS)].format(n=n)
+        lines.append(f"      - match: {condition}\n        version: canary\n")
+    return "".join(lines)
+
+
+def wrk_lua(users: int, host: str = "") -> str:
+    """A wrk script: keep-alive GETs cycling through `users` x-user-id values, JSON summary.
+
+    The requests are formatted once in init(), so request() only picks the next string.
+    `host`, when given, replaces the Host header (to reach one service of a gateway).
+    """
+    host_expr = f'"{host}"' if host else 'wrk.headers["Host"]'
+    return f"""local requests = {{}}
+local count = {users}
+local next_index = 0
+
+function init(args)
+  for i = 1, count do
+    requests[i] = wrk.format("GET", "/", {{
+      ["Host"] = {host_expr},
+      ["User-Agent"] = "{USER_AGENT}",
+      ["x-user-id"] = "user-" .. i,
+    }})
+  end
+end
+
+function request()
+  next_index = next_index % count + 1
+  return requests[next_index]
+end
+
+function done(summary, latency, _)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {{"requests": %d, "duration_us": %d, "bytes": %d, "p50_us": %d, ' ..
+    '"p99_us": %d, "mean_us": %.1f, "max_us": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "status": %d, "timeout": %d}}\\n',
+    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
+    latency:percentile(99), latency.mean, latency.max, e.connect, e.read, e.write,
+    e.status, e.timeout))
+end
+"""

@@ -1,0 +1,369 @@
+"""A bench run: start every target, then measure them interleaved, round after round.
+
+A target is something wrk can load: the upstream directly, a reference proxy, grayproxy with
+the realistic config, or grayproxy with one of the scaling-series configs. What cannot start,
+or stops answering, is recorded with the reason and left out; the others go on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import configs, load
+from bench.configs import Shape, Upstreams
+from bench.procs import (
+    CLIENT_CORE,
+    PROXY_CORE,
+    Proc,
+    StartError,
+    core_shares,
+    core_times,
+    free_ports,
+    pinned,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+Metrics = dict[str, float | None]
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    rounds: int = 3
+    seconds: float = 10.0
+    series_seconds: float = 5.0
+    connections: int = 64
+    threads: int = 1
+    users: int = 10_000
+    probe_requests: int = 2000
+    probe_rate: float = 500.0
+    pinned: bool = True
+    workers: int = 1
+    proxies: tuple[str, ...] = ("direct", "nginx", "haproxy", "grayproxy")
+    series_services: tuple[int, ...] = (10, 100)
+    series_endpoints: tuple[int, ...] = (10, 50)
+    series_rules: tuple[int, ...] = (10, 50)
+
+    @property
+    def proxy_core(self) -> int | None:
+        return PROXY_CORE if self.pinned else None
+
+    @property
+    def client_core(self) -> int | None:
+        return CLIENT_CORE if self.pinned else None
+
+    @property
+    def max_endpoints(self) -> int:
+        return max((1, *self.series_endpoints))
+
+    @property
+    def has_series(self) -> bool:
+        return bool(self.series_services or self.series_endpoints or self.series_rules)
+
+
+@dataclass(eq=False, slots=True)
+class Target:
+    name: str
+    port: int
+    group: str  # "main" or "series"
+    host: str = ""  # the Host header to send; "" = wrk's default (127.0.0.1:port)
+    proc: Proc | None = None  # the proxy; None for the upstream itself
+    series: str | None = None  # "services" | "endpoints" | "rules"; "baseline" for 1/1/1
+    size: int | None = None
+    script: Path | None = None
+    rounds: list[Metrics] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    alive: bool = True
+
+    @property
+    def host_header(self) -> str:
+        return self.host or f"127.0.0.1:{self.port}"
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything a run started and measured."""
+
+    settings: Settings
+    workdir: Path
+    upstreams: Upstreams
+    targets: list[Target] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- starting
+
+
+@contextmanager
+def started(settings: Settings, say: Say) -> Iterator[Run]:
+    """Upstreams and every target that starts; all stopped and cleaned up on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="grayproxy-bench-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        upstreams = _start_upstreams(settings, workdir, stack)
+        run = Run(settings, workdir, upstreams)
+        for name, start in _target_starters(settings, run):
+            try:
+                target = start(stack)
+                body = load.check_answers(target.port, target.host_header)
+            except (StartError, OSError, ValueError) as exc:
+                run.unavailable[name] = str(exc)
+                say(f"  {name}: could not start: {exc}")
+                continue
+            target.script = _wrk_script(run, target.host)
+            run.targets.append(target)
+            say(f"  {name}: ready on 127.0.0.1:{target.port} (answers {body!r})")
+        yield run
+
+
+def _start_upstreams(settings: Settings, workdir: Path, stack: ExitStack) -> Upstreams:
+    count = settings.max_endpoints
+    ports = free_ports(2 * count)
+    upstreams = Upstreams(stable=tuple(ports[:count]), canary=tuple(ports[count:]))
+    for name, version_ports in (("stable", upstreams.stable), ("canary", upstreams.canary)):
+        directory = _subdir(workdir, f"upstream-{name}")
+        conf = configs.upstream_nginx_conf(directory, version_ports, f"hello from {name}")
+        proc = _start_nginx(f"upstream-{name}", directory, conf, settings.client_core, stack)
+        proc.wait_listening([version_ports[0], version_ports[-1]])
+    return upstreams
+
+
+def _subdir(workdir: Path, name: str) -> Path:
+    directory = workdir / name
+    directory.mkdir()
+    return directory
+
+
+def _start_nginx(name: str, directory: Path, conf: str, core: int | None, stack: ExitStack) -> Proc:
+    conf_path = directory / "nginx.conf"
+    conf_path.write_text(conf)
+    command = [
+        "nginx",
+        "-p",
+        str(directory),
+        "-c",
+        str(conf_path),
+        "-e",
+        str(directory / "error.log"),
+    ]
+    proc = Proc(name, pinned(command, core), directory)
+    stack.callback(proc.stop)
+    return proc
+
+
+Starter = Callable[[ExitStack], Target]
+
+
+def _target_starters(settings: Settings, run: Run) -> Iterator[tuple[str, Starter]]:
+    main = {
+        "direct": lambda stack: Target("direct", run.upstreams.stable[0], "main"),
+        "nginx": lambda stack: _start_nginx_proxy(run, stack),
+        "haproxy": lambda stack: _start_haproxy(run, stack),
+        "grayproxy": lambda stack: _start_grayproxy(run, "grayproxy", configs.REALISTIC, stack),
+    }
+    for name in settings.proxies:
+        yield name, main[name]
+    if not settings.has_series:
+        return
+    for series, shape in series_shapes(settings):
+        name = series_name(series, shape)
+        yield name, _series_starter(run, name, series, shape)
+
+
+def series_shapes(settings: Settings) -> Iterator[tuple[str, Shape]]:
+    """(series, shape) for the shared 1-service/1-endpoint/1-rule baseline and each point."""
+    yield "baseline", Shape(services=1, endpoints=1, rules=1, gateway=True)
+    for size in settings.series_services:
+        yield "services", Shape(services=size, endpoints=1, rules=1, gateway=True)
+    for size in settings.series_endpoints:
+        yield "endpoints", Shape(services=1, endpoints=size, rules=1, gateway=True)
+    for size in settings.series_rules:
+        yield "rules", Shape(services=1, endpoints=1, rules=size, gateway=True)
+
+
+def series_name(series: str, shape: Shape) -> str:
+    if series == "baseline":
+        return "grayproxy 1 svc/1 ep/1 rule"
+    return f"grayproxy {series}={series_size(series, shape)}"
+
+
+def series_size(series: str, shape: Shape) -> int:
+    return {"services": shape.services, "endpoints": shape.endpoints, "rules": shape.rules}.get(
+        series, 1
+    )
+
+
+def _series_starter(run: Run, name: str, series: str, shape: Shape) -> Starter:
+    def start(stack: ExitStack) -> Target:
+        target = _start_grayproxy(run, name, shape, stack)
+        target.group, target.series, target.size = "series", series, series_size(series, shape)
+        return target
+
+    return start
+
+
+def _start_nginx_proxy(run: Run, stack: ExitStack) -> Target:
+    settings = run.settings
+    directory = _subdir(run.workdir, "nginx-proxy")
+    (port,) = free_ports(1)
+    conf = configs.proxy_nginx_conf(directory, port, run.upstreams, settings.workers)
+    proc = _start_nginx("nginx", directory, conf, settings.proxy_core, stack)
+    proc.wait_listening([port])
+    return Target("nginx", port, "main", proc=proc)
+
+
+def _start_haproxy(run: Run, stack: ExitStack) -> Target:
+    directory = _subdir(run.workdir, "haproxy")
+    (port,) = free_ports(1)
+    cfg_path = directory / "haproxy.cfg"
+    cfg_path.write_text(configs.haproxy_cfg(port, run.upstreams, run.settings.workers))
+    command = ["haproxy", "-f", str(cfg_path), "-db"]
+    proc = Proc("haproxy", pinned(command, run.settings.proxy_core), directory)
+    stack.callback(proc.stop)
+    proc.wait_listening([port])
+    return Target("haproxy", port, "main", proc=proc)
+
+
+def _start_grayproxy(run: Run, name: str, shape: Shape, stack: ExitStack) -> Target:
+    directory = _subdir(run.workdir, name.replace(" ", "_").replace("/", "-"))
+    port, control_port = free_ports(2)
+    config_path = directory / "grayproxy.yaml"
+    config_path.write_text(configs.grayproxy_yaml(port, control_port, run.upstreams, shape))
+    command = [sys.executable, "-m", "proxy", "run", "-c", str(config_path)]
+    if run.settings.workers > 1:
+        command += ["--workers", str(run.settings.workers)]
+    command += ["--log-level", "warning"]
+    proc = Proc("grayproxy", pinned(command, run.settings.proxy_core), directory, cwd=REPO_ROOT)
+    stack.callback(proc.stop)
+    proc.wait_listening([port, control_port], timeout=30)
+    return Target(name, port, "main", host=shape.host, proc=proc)
+
+
+def _wrk_script(run: Run, host: str) -> Path:
+    path = run.workdir / f"wrk-{host or 'default'}.lua"
+    if not path.exists():
+        path.write_text(configs.wrk_lua(run.settings.users, host))
+    return path
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def interleaved(targets: Sequence[Target], round_index: int) -> list[Target]:
+    """The targets in a rotated order, so that no one always goes first or last."""
+    if not targets:
+        return []
+    shift = round_index % len(targets)
+    return [*targets[shift:], *targets[:shift]]
+
+
+def warm_up(run: Run, say: Say) -> None:
+    """One second of load on each target, to open the keep-alive connections on both sides."""
+    for target in run.targets:
+        try:
+            _wrk(run, target, 1)
+        except load.LoadError as exc:
+            say(f"  warm-up of {target.name} failed: {exc}")
+
+
+def measure_round(run: Run, round_index: int, group: str, say: Say) -> None:
+    targets = [target for target in run.targets if target.group == group and target.alive]
+    for target in interleaved(targets, round_index):
+        seconds = run.settings.seconds if group == "main" else run.settings.series_seconds
+        try:
+            metrics = measure(run, target, seconds, probe=group == "main")
+        except (load.LoadError, OSError, ValueError) as exc:
+            target.failures.append(f"round {round_index + 1}: {exc}")
+            say(f"  {target.name}: failed: {exc}")
+            _notice_death(run, target, say)
+            continue
+        target.rounds.append(metrics)
+        say(f"  {target.name:32} {_one_line(metrics)}")
+
+
+def _notice_death(run: Run, target: Target, say: Say) -> None:
+    if target.proc is not None and target.proc.popen.poll() is not None:
+        target.alive = False
+        reason = f"exited with {target.proc.popen.returncode}: {target.proc.tail()}"
+        run.unavailable[target.name] = reason
+        say(f"  {target.name}: {reason}")
+
+
+def _one_line(metrics: Metrics) -> str:
+    parts = [f"{metrics['requests_per_s'] or 0:9.0f} req/s", f"p99 {metrics['p99_ms'] or 0:.2f} ms"]
+    if metrics.get("cpu_s_per_10k") is not None:
+        parts.append(f"{metrics['cpu_s_per_10k']:.3f} CPU-s/10k")
+    if metrics.get("probe_p50_ms") is not None:
+        parts.append(f"low-rate p50 {metrics['probe_p50_ms']:.3f} ms")
+    return ", ".join(parts)
+
+
+def measure(run: Run, target: Target, seconds: float, probe: bool) -> Metrics:
+    """One wrk run (and, for the main comparison, one probe) of one target."""
+    stable, canary = run.upstreams.stable[0], run.upstreams.canary[0]
+    served_before = (load.served_requests(stable), load.served_requests(canary))
+    cpu_before = target.proc.cpu_seconds() if target.proc else None
+    cores_before = core_times()
+    result = _wrk(run, target, seconds)
+    cores_after = core_times()
+    cpu_after = target.proc.cpu_seconds() if target.proc else None
+    # each stub_status read counts itself once
+    served = (
+        load.served_requests(stable) - served_before[0] - 1,
+        load.served_requests(canary) - served_before[1] - 1,
+    )
+    metrics: Metrics = {
+        "requests_per_s": result.requests_per_s,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "non_2xx": float(result.non_2xx),
+        "socket_errors": float(result.socket_errors),
+        "cpu_s_per_10k": None,
+        "proxy_busy": None,
+        "proxy_core_busy": None,
+        "proxy_core_irq": None,
+        "client_core_busy": None,
+        "canary_share": None,
+        "probe_p50_ms": None,
+    }
+    if cpu_before is not None and cpu_after is not None and result.requests:
+        cpu = cpu_after - cpu_before
+        metrics["cpu_s_per_10k"] = cpu / result.requests * 10_000
+        metrics["proxy_busy"] = cpu / result.seconds
+    if run.settings.pinned:
+        busy, irq = core_shares(cores_before, cores_after, PROXY_CORE)
+        metrics["proxy_core_busy"], metrics["proxy_core_irq"] = busy, irq
+        metrics["client_core_busy"], _ = core_shares(cores_before, cores_after, CLIENT_CORE)
+    if target.proc is not None and sum(served) > 0:
+        metrics["canary_share"] = served[1] / sum(served)
+    if probe:
+        metrics["probe_p50_ms"] = load.probe_latency(
+            target.port, target.host_header, run.settings.probe_requests, run.settings.probe_rate
+        )
+    return metrics
+
+
+def _wrk(run: Run, target: Target, seconds: float) -> load.WrkResult:
+    settings = run.settings
+    assert target.script is not None
+    command = load.wrk_command(
+        f"http://127.0.0.1:{target.port}/",
+        target.script,
+        connections=settings.connections,
+        threads=settings.threads,
+        seconds=seconds,
+    )
+    return load.run_wrk(pinned(command, settings.client_core), seconds)
+
+
+def record_peak_rss(run: Run) -> None:
+    for target in run.targets:
+        if target.proc is not None and target.proc.popen.poll() is None:
+            target.peak_rss_mb = target.proc.peak_rss_kb() / 1024
