@@ -103,6 +103,37 @@ class Version:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks: GET ``path`` on every endpoint each ``interval``."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2  # passes in a row that bring an unhealthy endpoint back
+    unhealthy_threshold: int = 3  # failures in a row that take a healthy endpoint out
+    host: str | None = None  # the Host header; None: the endpoint's address
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Passive ejection of endpoints that fail real requests; a threshold of 0 turns it off."""
+
+    consecutive_5xx: int = 5
+    consecutive_connect_failures: int = 1
+    base_ejection_time: float = 10.0  # times the number of ejections, up to max_ejection_time
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50  # of a version's endpoints; one can always be ejected
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 2  # further endpoints tried when a connect fails (nothing was sent)
+
+
+LOAD_BALANCING = ("round_robin", "least_request")
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceMatch:
     host: str = "*"  # "*", an exact host, or "*.example.com"; lower-case, no port
     path_prefix: str = "/"
@@ -119,6 +150,11 @@ class Service:
     timeouts: Timeouts = Timeouts()  # the global timeouts with the service's overrides applied
     rules: tuple[Rule, ...] = ()
     version_header: bool = True
+    load_balancing: str = "round_robin"  # one of LOAD_BALANCING
+    max_connections_per_endpoint: int = 0  # per worker process; 0 = no limit
+    health_check: HealthCheck | None = None  # None: no active checks
+    outlier_detection: OutlierDetection = OutlierDetection()
+    retries: Retries = Retries()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +206,7 @@ _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
 _PATH_PREFIX = re.compile(r"/[^\s?#]*")
+_REQUEST_PATH = re.compile(r"/[\x21\x22\x24-\x7e]*")  # printable ASCII, no space or '#'
 _DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _BARE_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
@@ -189,7 +226,28 @@ _SERVICE_KEYS = (
     "versions",
     "split",
     "rules",
+    "load_balancing",
+    "max_connections_per_endpoint",
+    "health_check",
+    "outlier_detection",
+    "retries",
 )
+_HEALTH_CHECK_KEYS = (
+    "path",
+    "host",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+)
+_OUTLIER_KEYS = (
+    "consecutive_5xx",
+    "consecutive_connect_failures",
+    "base_ejection_time",
+    "max_ejection_time",
+    "max_ejection_percent",
+)
+_RETRY_KEYS = ("attempts",)
 _MATCH_KEYS = ("host", "path_prefix")
 _VERSION_KEYS = ("endpoints",)
 _SPLIT_KEYS = ("weights", "hash_on", "sticky_cookie", "salt")
@@ -781,7 +839,83 @@ class _Reader:
             timeouts=self.timeouts(fields.get("timeouts"), f"{path}.timeouts", timeouts),
             rules=self.rules(fields.get("rules"), f"{path}.rules", names),
             version_header=_or(version_header, True),
+            load_balancing=_or(
+                self.choice(fields.get("load_balancing"), f"{path}.load_balancing", LOAD_BALANCING),
+                "round_robin",
+            ),
+            max_connections_per_endpoint=_or(
+                self.integer(
+                    fields.get("max_connections_per_endpoint"),
+                    f"{path}.max_connections_per_endpoint",
+                    0,
+                ),
+                0,
+            ),
+            health_check=self.health_check(fields.get("health_check"), f"{path}.health_check"),
+            outlier_detection=self.outlier_detection(
+                fields.get("outlier_detection"), f"{path}.outlier_detection"
+            ),
+            retries=self.retries(fields.get("retries"), f"{path}.retries"),
         )
+
+    def choice(self, node: Node | None, path: str, allowed: tuple[str, ...]) -> str | None:
+        text = self.text(node, path)
+        if text is not None and node is not None and text not in allowed:
+            self.error(path, node, f"{text!r}: expected one of: {', '.join(allowed)}")
+            return None
+        return text
+
+    def health_check(self, node: Node | None, path: str) -> HealthCheck | None:
+        fields = self.fields(node, path, _HEALTH_CHECK_KEYS)
+        if node is None or fields is None:
+            return None
+        what = "must start with '/' and be printable ASCII without spaces or '#'"
+        check_path = self.pattern(fields.get("path"), f"{path}.path", _REQUEST_PATH, what)
+        host = self.pattern(fields.get("host"), f"{path}.host", _BEARER, "not a valid Host")
+        interval = self.duration(fields.get("interval"), f"{path}.interval")
+        timeout = self.duration(fields.get("timeout"), f"{path}.timeout")
+        healthy = self.integer(fields.get("healthy_threshold"), f"{path}.healthy_threshold", 1)
+        unhealthy = self.integer(
+            fields.get("unhealthy_threshold"), f"{path}.unhealthy_threshold", 1
+        )
+        default = HealthCheck()
+        return HealthCheck(
+            path=_or(check_path, default.path),
+            interval=_or(interval, default.interval),
+            timeout=_or(timeout, default.timeout),
+            healthy_threshold=_or(healthy, default.healthy_threshold),
+            unhealthy_threshold=_or(unhealthy, default.unhealthy_threshold),
+            host=host,
+        )
+
+    def outlier_detection(self, node: Node | None, path: str) -> OutlierDetection:
+        fields = self.fields(node, path, _OUTLIER_KEYS) or {}
+        default = OutlierDetection()
+        errors_5xx = self.integer(fields.get("consecutive_5xx"), f"{path}.consecutive_5xx", 0)
+        connect_failures = self.integer(
+            fields.get("consecutive_connect_failures"), f"{path}.consecutive_connect_failures", 0
+        )
+        base = self.duration(fields.get("base_ejection_time"), f"{path}.base_ejection_time")
+        longest = self.duration(fields.get("max_ejection_time"), f"{path}.max_ejection_time")
+        percent_node = fields.get("max_ejection_percent")
+        percent = self.integer(percent_node, f"{path}.max_ejection_percent", 0)
+        if percent is not None and percent_node is not None and percent > 100:
+            self.error(f"{path}.max_ejection_percent", percent_node, "must be at most 100")
+            percent = None
+        return OutlierDetection(
+            consecutive_5xx=_or(errors_5xx, default.consecutive_5xx),
+            consecutive_connect_failures=_or(
+                connect_failures, default.consecutive_connect_failures
+            ),
+            base_ejection_time=_or(base, default.base_ejection_time),
+            max_ejection_time=_or(longest, default.max_ejection_time),
+            max_ejection_percent=_or(percent, default.max_ejection_percent),
+        )
+
+    def retries(self, node: Node | None, path: str) -> Retries:
+        fields = self.fields(node, path, _RETRY_KEYS) or {}
+        attempts = self.integer(fields.get("attempts"), f"{path}.attempts", 0)
+        return Retries(attempts=_or(attempts, Retries().attempts))
 
     def fallback(self, node: Node | None, path: str, names: list[str] | None) -> str | None:
         fallback = self.version_ref(node, path, names)

@@ -185,7 +185,7 @@ class _ControlAPI:
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self._fresh()
-        body = self._metrics.render(self._state.snapshot)
+        body = self._metrics.render(self._state.snapshot, self._endpoint_health)
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def _service_response(self, name: str) -> web.Response:

@@ -26,7 +26,7 @@ from .errors import ProxyError
 from .metrics import Metrics, VersionStats
 from .routing import RequestView, Router
 from .state import LiveState, Snapshot
-from .upstreams import Balancer, EndpointPool, UpstreamConnection, Upstreams
+from .upstreams import Balancer, EndpointPool, UpstreamConnection, UpstreamOverflow, Upstreams
 
 HOP_BY_HOP = frozenset(
     {
@@ -45,6 +45,9 @@ HOP_BY_HOP = frozenset(
 REPLACED_REQUEST_HEADERS = frozenset({b"content-length", b"x-forwarded-proto", b"x-forwarded-host"})
 STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 PAUSE_BUFFER_BYTES = 256 * 1024
+# Timeouts are checked by one ticker per process rather than a timer per
+# request: arming one is then a float assignment. They fire up to a tick late.
+TICK = 0.1
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED_END = b"0\r\n\r\n"
 
@@ -86,11 +89,12 @@ class RoutingTable:
         self.snapshot = snapshot
         self.router: Router = snapshot.router
         self.services: dict[str, ServiceTarget] = {}
+        upstreams.update(snapshot.config)
         for service in snapshot.config.services:
             versions = {
                 v.name: VersionTarget(
                     v.name,
-                    Balancer([upstreams.pool(a) for a in v.endpoints]),
+                    upstreams.balancer(service.name, v.name),
                     metrics.version(service.name, v.name),
                     service.version_header,
                 )
@@ -110,17 +114,29 @@ class DataPlane:
         self.metrics = metrics
         self.limits: Limits = config.limits
         self.idle_timeout = config.timeouts.idle
-        self.upstreams = Upstreams(config.timeouts.idle)
+        self.upstreams = Upstreams()
         self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        self.now = time.monotonic()  # the ticker's clock, for timeouts
+        self._ticker: asyncio.TimerHandle | None = None
         state.subscribe(self._on_snapshot)
+
+    def start(self) -> None:
+        """Start checking timeouts; call once the event loop runs."""
+        self._tick()
+
+    def _tick(self) -> None:
+        self.now = now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
-        return self.upstreams.is_healthy(address)
+        return self.upstreams.endpoint_healthy(service, version, address)
 
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -136,6 +152,8 @@ class DataPlane:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
         self.upstreams.close()
 
 
@@ -146,10 +164,10 @@ class ClientConnection(asyncio.Protocol):
         "_head_bytes",
         "_headers",
         "_in_head",
-        "_timer",
         "_url",
         "client_ip",
         "current",
+        "expires",
         "parser",
         "plane",
         "queue",
@@ -171,7 +189,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
         self._head_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self.expires = 0.0  # when the idle or header-read wait times out; 0: not waiting
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} busy={self.current is not None}>"
@@ -185,7 +203,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.plane.connections.add(self)
-        self._arm_timer(self.plane.idle_timeout)
+        self.expires = self.plane.now + self.plane.idle_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -211,7 +229,6 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane.connections.discard(self)
-        self._cancel_timer()
         self.transport = None
         if self.current is not None:
             self.current.client_gone()
@@ -235,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._in_head = True
         if self.current is None:
-            self._arm_timer(self.plane.limits.header_read_timeout)
+            self.expires = self.plane.now + self.plane.limits.header_read_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -246,8 +263,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
-        if self.current is None:
-            self._cancel_timer()
+        self.expires = 0.0
         exchange = Exchange(self, self.parser.get_method(), self._url, self._headers)
         self._enqueue(exchange)
 
@@ -282,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
             self.current.start()
             return
         self.transport.resume_reading()
-        self._arm_timer(self.plane.idle_timeout)
+        self.expires = self.plane.now + self.plane.idle_timeout
 
     def _fail_request(self, error: ProxyError) -> None:
         """A request that cannot be parsed or accepted: answer in turn, then close."""
@@ -302,6 +318,10 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(data)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -311,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
-        self._cancel_timer()
+        self.expires = 0.0
         self.tunnel = upstream
         if self.transport is not None:
             self.transport.resume_reading()
@@ -328,22 +348,16 @@ class ClientConnection(asyncio.Protocol):
         elif self.current is not None and not self.queue:
             self.transport.resume_reading()
 
-    def _arm_timer(self, delay: float) -> None:
-        self._cancel_timer()
-        if self.transport is not None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._in_head:  # headers not complete in time: slow or stalled client
-            self._fail_request(errors.RequestTimeout("request headers not received in time"))
-        elif self.current is None:  # idle keep-alive connection
-            self.close()
+    def check_timeouts(self, now: float) -> None:
+        """Called by the ticker: act on what has waited too long."""
+        if self.expires and now >= self.expires:
+            self.expires = 0.0
+            if self._in_head:  # headers not complete in time: slow or stalled client
+                self._fail_request(errors.RequestTimeout("request headers not received in time"))
+            elif self.current is None:  # idle keep-alive connection
+                self.close()
+        if self.current is not None:
+            self.current.check_timeout(now)
 
 
 class Exchange:
@@ -355,8 +369,8 @@ class Exchange:
         "_buffered",
         "_chunked_request",
         "_chunked_response",
-        "_deadline",
         "_last_read",
+        "_out",
         "_pending",
         "_tried",
         "client",
@@ -404,8 +418,8 @@ class Exchange:
         self._body_buffer: list[bytes] = []
         self._buffered = 0
         self._body_bytes = 0
-        self._deadline: asyncio.TimerHandle | None = None
-        self._last_read = 0.0
+        self._last_read = 0.0  # 0: not waiting for the upstream
+        self._out: list[bytes] = []  # response bytes for the client, written once per upstream read
         self._pending: asyncio.Task[None] | None = None
         self._tried: list[EndpointPool] = []
         self.pool: EndpointPool | None = None  # the endpoint serving this request
@@ -580,54 +594,81 @@ class Exchange:
         self._connect_soon()
 
     def _connect_soon(self, fresh: bool = False) -> None:
-        self._pending = asyncio.get_running_loop().create_task(self._connect(fresh))
+        """Get an upstream connection: at once if the chosen endpoint has an
+        idle one (the common case, no task), else in a task that connects."""
+        pool = None
+        if not fresh:
+            try:
+                pool = self._choose_endpoint()
+            except ProxyError as exc:
+                self._respond_error(exc)
+                return
+            conn = pool.take_idle() if pool is not None else None
+            if pool is not None and conn is not None:
+                self._use(pool, conn)
+                return
+        self._pending = asyncio.get_running_loop().create_task(self._connect(fresh, pool))
 
-    async def _connect(self, fresh: bool) -> None:
+    async def _connect(self, fresh: bool, chosen: EndpointPool | None) -> None:
         try:
-            await self._attach_upstream(fresh)
+            await self._attach_upstream(fresh, chosen)
         except ProxyError as exc:  # already counted where it arose
             self._respond_error(exc)
         finally:
             self._pending = None
 
-    async def _attach_upstream(self, fresh: bool) -> None:
-        """Pick an endpoint and get a connection (a new one if `fresh`);
-        connect failures move on to the next healthy endpoint, then to the
-        fallback version: nothing of the request has been sent yet, so trying
-        again is always safe."""
+    async def _attach_upstream(self, fresh: bool, chosen: EndpointPool | None) -> None:
+        """Get a connection to `chosen` (or the balancer's choice), a new one
+        if `fresh`; connect failures move on to the next healthy endpoint,
+        then to the fallback version: nothing of the request has been sent
+        yet, so trying again is always safe."""
         assert self.target is not None and self.service is not None
         last_error: ProxyError | None = None
         while True:
-            pool = self._choose_endpoint()
+            pool: EndpointPool | None
+            if chosen is not None:
+                pool, chosen = chosen, None
+            elif len(self._tried) < self.target.balancer.max_attempts:
+                pool = self._choose_endpoint()
+            else:  # retries used up
+                pool = None
             if pool is None:
                 raise last_error or errors.NoHealthyEndpoint(
                     f"version {self.target.name!r} has no healthy endpoint"
                 )
-            self._tried.append(pool)
             conn = None if fresh else pool.take_idle()
             if conn is None:
                 try:
                     conn = await pool.connect(self.service.timeouts.connect)
                 except ProxyError as exc:
+                    self._tried.append(pool)
                     self.target.stats.upstream_error(exc.kind or "connect")
                     last_error = exc
                     continue
             if self.client.transport is None:  # client left while we connected
                 conn.finish(reusable=True)
                 return
-            self.pool = pool
-            pool.begin()
-            self._send_head(conn)
+            self._use(pool, conn)
             return
+
+    def _use(self, pool: EndpointPool, conn: UpstreamConnection) -> None:
+        self._tried.append(pool)
+        self.pool = pool
+        pool.begin()
+        self._send_head(conn)
 
     def _choose_endpoint(self) -> EndpointPool | None:
         assert self.target is not None and self.service is not None
-        pool = self.target.balancer.choose(self._tried)
-        fallback = self.service.fallback
-        if pool is None and fallback is not None and fallback is not self.target:
-            self.target.stats.fallback()
-            self.target = fallback
-            pool = fallback.balancer.choose(self._tried)
+        try:
+            pool = self.target.balancer.choose(self._tried)
+            fallback = self.service.fallback
+            if pool is None and fallback is not None and fallback is not self.target:
+                self.target.stats.fallback()
+                self.target = fallback
+                pool = fallback.balancer.choose(self._tried)
+        except UpstreamOverflow:
+            self.target.stats.upstream_error("overflow")
+            raise
         return pool
 
     def _send_head(self, conn: UpstreamConnection) -> None:
@@ -680,33 +721,21 @@ class Exchange:
             self._connect_soon()  # the held chunked body is complete and within the limit
 
     def _request_sent(self) -> None:
-        assert self.service is not None
-        self._arm_deadline(self.service.timeouts.response)
-
-    # -- timers ------------------------------------------------------------
-    def _arm_deadline(self, delay: float) -> None:
-        self._last_read = time.monotonic()
-        if self._deadline is None:
-            self._deadline = asyncio.get_running_loop().call_later(delay, self._on_deadline)
+        self._last_read = self.client.plane.now  # the response timeout runs from here
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._last_read = 0.0
 
-    def _on_deadline(self) -> None:
-        assert self.service is not None
-        timeout = self.service.timeouts.response
-        quiet = time.monotonic() - self._last_read
-        self._deadline = None
-        if quiet < timeout:
-            self._deadline = asyncio.get_running_loop().call_later(
-                timeout - quiet, self._on_deadline
-            )
+    def check_timeout(self, now: float) -> None:
+        """Called by the ticker: has the upstream been silent for too long?"""
+        if not self._last_read or self.service is None:
             return
-        if self.upstream is not None:
-            self.upstream.abort()
-        self._upstream_error(errors.UpstreamTimeout(f"upstream sent nothing for {timeout:g}s"))
+        timeout = self.service.timeouts.response
+        if now - self._last_read >= timeout:
+            self._last_read = 0.0
+            if self.upstream is not None:
+                self.upstream.abort()
+            self._upstream_error(errors.UpstreamTimeout(f"upstream sent nothing for {timeout:g}s"))
 
     # -- ResponseSink: called by the upstream connection -------------------
     def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -715,7 +744,7 @@ class Exchange:
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> None:
         assert self.target is not None
-        self._last_read = time.monotonic()
+        self._last_read = self.client.plane.now
         self.response_started = True
         self.status = status
         self.upstream_closes = close
@@ -761,7 +790,7 @@ class Exchange:
         elif self.http10:
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self.client.write(b"".join(lines))
+        self._out.append(b"".join(lines))
 
     def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
         """101: from here on, bytes pass unchanged both ways until either side closes."""
@@ -784,11 +813,20 @@ class Exchange:
         self.client.close()
 
     def response_body(self, chunk: bytes) -> None:
-        self._last_read = time.monotonic()
+        if self._last_read:
+            self._last_read = self.client.plane.now
         if self._chunked_response:
-            self.client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self._out.append(b"%x\r\n" % len(chunk))
+            self._out.append(chunk)
+            self._out.append(b"\r\n")
         else:
-            self.client.write(chunk)
+            self._out.append(chunk)
+
+    def flush(self) -> None:
+        """Write what the last upstream read produced, in one call."""
+        if self._out:
+            self.client.writelines(self._out)
+            self._out = []
 
     def response_complete(self) -> None:
         self._cancel_deadline()
@@ -796,7 +834,8 @@ class Exchange:
         if upstream is not None:
             upstream.finish(reusable=self.request_done and not self.upstream_closes)
         if self._chunked_response:
-            self.client.write(CHUNKED_END)
+            self._out.append(CHUNKED_END)
+        self.flush()
         self._finish(self.status)
 
     def upstream_failed(self, error: ProxyError) -> None:
@@ -843,6 +882,7 @@ class Exchange:
         if self.response_started:
             # The client already has our status line: cut the connection so it
             # can tell the body is incomplete.
+            self.flush()
             self.client.abort()
             self._observe(error.status)
             return

@@ -28,12 +28,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.config import Config
+from proxy.config import Address, Config
 
 if TYPE_CHECKING:
     from proxy.state import Snapshot
 
 Clock = Callable[[], float]
+# (service, version, endpoint) -> in rotation; the control API's source of health.
+EndpointHealth = Callable[[str, str, Address], bool]
 # VersionStats.dump(): plain values, picklable, summed by VersionStats.absorb.
 StatsDump = tuple[Any, ...]
 
@@ -236,22 +238,29 @@ class Metrics:
     def clear(self) -> None:
         self._stats = {}
 
-    def render(self, snapshot: Snapshot) -> bytes:
-        """The Prometheus text exposition (format 0.0.4) of every version's counters."""
+    def render(self, snapshot: Snapshot, endpoint_health: EndpointHealth | None = None) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every version's counters,
+        and of every endpoint's health if ``endpoint_health`` is given."""
         for service in snapshot.config.services:
             for version in service.versions:
                 self.version(service.name, version.name)
         registry = CollectorRegistry()
-        registry.register(_ScrapeCollector(self._stats, snapshot.config))
+        registry.register(_ScrapeCollector(self._stats, snapshot.config, endpoint_health))
         return generate_latest(registry)
 
 
 class _ScrapeCollector(Collector):
     """Reads the plain counters (and the weights of the live config) once per scrape."""
 
-    def __init__(self, stats: dict[tuple[str, str], VersionStats], config: Config) -> None:
+    def __init__(
+        self,
+        stats: dict[tuple[str, str], VersionStats],
+        config: Config,
+        endpoint_health: EndpointHealth | None,
+    ) -> None:
         self._stats = stats
         self._config = config
+        self._endpoint_health = endpoint_health
 
     def collect(self) -> Iterable[Metric]:
         labels = ("service", "version")
@@ -280,7 +289,10 @@ class _ScrapeCollector(Collector):
             for kind, count in stats.upstream_errors.items():
                 upstream_errors.add_metric([service, version, kind], count)
             fallbacks.add_metric([service, version], stats.fallbacks)
-        return [requests, durations, upstream_errors, fallbacks, self._weights()]
+        families = [requests, durations, upstream_errors, fallbacks, self._weights()]
+        if self._endpoint_health is not None:
+            families.append(self._endpoints_healthy(self._endpoint_health))
+        return families
 
     def _weights(self) -> GaugeMetricFamily:
         weights = GaugeMetricFamily(
@@ -293,6 +305,19 @@ class _ScrapeCollector(Collector):
             for version, weight in service.split.weights.items():
                 weights.add_metric([service.name, version], 100 * weight / total if total else 0.0)
         return weights
+
+    def _endpoints_healthy(self, endpoint_health: EndpointHealth) -> GaugeMetricFamily:
+        healthy = GaugeMetricFamily(
+            "grayproxy_endpoint_healthy",
+            "1 while the endpoint is in rotation (not ejected, passing its health checks).",
+            labels=("service", "version", "endpoint"),
+        )
+        for service in self._config.services:
+            for version in service.versions:
+                for address in version.endpoints:
+                    up = endpoint_health(service.name, version.name, address)
+                    healthy.add_metric([service.name, version.name, str(address)], float(up))
+        return healthy
 
 
 def _cumulative_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:

@@ -52,6 +52,7 @@ async def serve_alone(config: Config, config_path: str | None) -> int:
     loop = asyncio.get_running_loop()
     state = LiveState(config, config_path)
     plane = DataPlane(state, Metrics())
+    plane.start()
     data_server = await loop.create_server(
         plane.protocol_factory, config.listen.host, config.listen.port, backlog=1024
     )

@@ -1,23 +1,29 @@
-"""Upstream endpoints: keep-alive connection pools, passive health, the
-HTTP/1.1 client side of one exchange.
+"""Upstream endpoints: keep-alive connection pools, health, load balancing,
+the HTTP/1.1 client side of one exchange.
 
 An `UpstreamConnection` parses responses with httptools (llhttp, strict) and
 hands every event to the exchange currently using it (`ResponseSink`); it knows
-nothing about clients. An `EndpointPool` keeps idle connections to one address
-and the endpoint's health. `choose_endpoint` is the load-balancing decision.
+nothing about clients. An `EndpointPool` is one endpoint of one version: its
+idle connections, its requests in flight and its health (outlier ejection from
+real requests, verdicts of active checks). A `Balancer` holds one version's
+endpoints and chooses among those in rotation: O(1) per request, since the
+in-rotation tuple is rebuilt only when an endpoint's health changes.
+`Upstreams` keeps every balancer in step with the live config.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-import time
+import sys
 from collections.abc import Sequence
+from random import random, randrange
 from typing import Protocol, cast
 
 import httptools
 
-from .config import Address
+from .config import Address, Config, HealthCheck, OutlierDetection, Service, Timeouts, Version
 from .errors import (
     BadUpstreamResponse,
     ProxyError,
@@ -25,12 +31,12 @@ from .errors import (
     UpstreamConnectTimeout,
     UpstreamReset,
 )
+from .health import Checked, HealthChecker
 
-# After a failed connect an endpoint is left out of rotation for this long,
-# doubled for each consecutive failure up to MAX_EJECTION.
-BASE_EJECTION = 2.0
-MAX_EJECTION = 30.0
+log = logging.getLogger(__name__)
+
 MAX_IDLE_PER_ENDPOINT = 256
+UNLIMITED = sys.maxsize  # max_connections_per_endpoint: 0
 
 
 class ResponseSink(Protocol):
@@ -42,6 +48,7 @@ class ResponseSink(Protocol):
     def response_complete(self) -> None: ...
     def upstream_failed(self, error: ProxyError) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+    def flush(self) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
     def tunnel_closed(self) -> None: ...
 
@@ -127,8 +134,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.tunnel_data(data)
             return
         self.received = True
+        sink = self.sink
         try:
             self._parser.feed_data(data)
+            sink.flush()
         except httptools.HttpParserError as exc:
             self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
         except httptools.HttpParserUpgrade as exc:
@@ -201,35 +210,76 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.response_complete()
 
 
+class UpstreamOverflow(ProxyError):
+    """Every endpoint left to try is at max_connections_per_endpoint."""
+
+    status = 503
+    kind = "overflow"
+
+
 class EndpointPool:
-    """Idle keep-alive connections to one endpoint, and its passive health."""
+    """One endpoint of one version: idle keep-alive connections, requests in
+    flight, and health, passive (outlier ejection) and active (checks)."""
 
     __slots__ = (
         "_idle",
         "_loop",
+        "_return_timer",
         "address",
-        "ejected_until",
-        "failures",
+        "balancer",
+        "check_failures",
+        "check_passes",
+        "checked_healthy",
+        "closed",
+        "connect_failures",
+        "connecting",
+        "ejected",
+        "ejections",
+        "errors_5xx",
         "idle_timeout",
+        "max_connections",
         "outstanding",
+        "returned_at",
     )
 
-    def __init__(self, address: Address, idle_timeout: float) -> None:
+    def __init__(self, address: Address, balancer: Balancer) -> None:
         self.address = address
-        self.idle_timeout = idle_timeout
+        self.balancer = balancer
+        self.idle_timeout = Timeouts().idle  # both set by Balancer.configure
+        self.max_connections = UNLIMITED
         self._idle: list[UpstreamConnection] = []
         self._loop = asyncio.get_running_loop()
-        self.ejected_until = 0.0
-        self.failures = 0
+        self.closed = False
         self.outstanding = 0  # requests in flight on this endpoint
+        self.connecting = 0  # connections being opened
+        # Passive health: consecutive failures of real requests, ejections.
+        self.errors_5xx = 0
+        self.connect_failures = 0
+        self.ejected = False
+        self.ejections = 0  # the ejection time multiplier
+        self.returned_at = 0.0  # when the last ejection ended (loop time)
+        self._return_timer: asyncio.TimerHandle | None = None
+        # Active health: the verdict of the health checks and the current run.
+        self.checked_healthy = True
+        self.check_passes = 0
+        self.check_failures = 0
 
     def __repr__(self) -> str:
-        return f"<EndpointPool {self.address} idle={len(self._idle)} healthy={self.healthy}>"
+        return (
+            f"<EndpointPool {self.balancer.name} {self.address} healthy={self.healthy} "
+            f"[{self.outstanding} in flight | {len(self._idle)} idle]>"
+        )
 
     @property
     def healthy(self) -> bool:
-        return self.ejected_until <= time.monotonic()
+        """In rotation: not ejected and not failing its health checks."""
+        return self.checked_healthy and not self.ejected
 
+    @property
+    def has_room(self) -> bool:
+        return self.outstanding + self.connecting < self.max_connections
+
+    # -- connections -------------------------------------------------------
     def take_idle(self) -> UpstreamConnection | None:
         while self._idle:
             conn = self._idle.pop()
@@ -242,37 +292,27 @@ class EndpointPool:
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
+        self.connecting += 1
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await self._loop.create_connection(
                     lambda: UpstreamConnection(self), self.address.host, self.address.port
                 )
         except TimeoutError:
-            self.record_failure()
+            self._connect_failed()
             raise UpstreamConnectTimeout(f"connect to {self.address} timed out") from None
         except OSError as exc:
-            self.record_failure()
+            self._connect_failed()
             raise UpstreamConnectError(
                 f"connect to {self.address} failed: {exc.strerror or exc}"
             ) from None
-        self.failures = 0
+        finally:
+            self.connecting -= 1
+        self.connect_failures = 0
         return conn
 
-    def begin(self) -> None:
-        """A request was assigned to this endpoint."""
-        self.outstanding += 1
-
-    def end(self, status: int) -> None:
-        """That request ended with `status` (502/504 for upstream failures, 499 client gone)."""
-        self.outstanding -= 1
-
-    def record_failure(self) -> None:
-        self.failures += 1
-        ejection = min(MAX_EJECTION, BASE_EJECTION * 2 ** (self.failures - 1))
-        self.ejected_until = time.monotonic() + ejection
-
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
+        if self.closed or len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.abort()
             return
         conn.idle_timer = self._loop.call_later(self.idle_timeout, conn.abort)
@@ -286,51 +326,239 @@ class EndpointPool:
             self._idle.remove(conn)
 
     def close(self) -> None:
+        """Left the configuration, or the process stops: idle connections are
+        closed now, busy ones when their requests end."""
+        self.closed = True
+        if self._return_timer is not None:
+            self._return_timer.cancel()
+            self._return_timer = None
         for conn in self._idle[:]:
             conn.abort()
         self._idle.clear()
 
+    # -- passive health ----------------------------------------------------
+    def begin(self) -> None:
+        """A request was assigned to this endpoint."""
+        self.outstanding += 1
 
-class Upstreams:
-    """Every endpoint pool, by address, shared by all services and versions."""
+    def end(self, status: int) -> None:
+        """That request ended with `status`: 502/504 for upstream failures,
+        499 when the client left, 0 when the endpoint was not at fault. A 5xx
+        counts towards ejection; any other answer of the endpoint resets the count."""
+        self.outstanding -= 1
+        if status >= 500:
+            self.errors_5xx += 1
+            threshold = self.balancer.outlier.consecutive_5xx
+            if threshold and self.errors_5xx >= threshold:
+                self.balancer.eject(self, f"{self.errors_5xx} consecutive 5xx")
+        elif status and status != 499:
+            self.errors_5xx = 0
 
-    def __init__(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
-        self._pools: dict[Address, EndpointPool] = {}
+    def _connect_failed(self) -> None:
+        self.connect_failures += 1
+        threshold = self.balancer.outlier.consecutive_connect_failures
+        if threshold and self.connect_failures >= threshold:
+            self.balancer.eject(self, f"{self.connect_failures} consecutive connect failures")
 
-    def pool(self, address: Address) -> EndpointPool:
-        pool = self._pools.get(address)
-        if pool is None:
-            pool = self._pools[address] = EndpointPool(address, self.idle_timeout)
-        return pool
+    def eject(self, outlier: OutlierDetection) -> float:
+        """Out of rotation for base_ejection_time x the ejection count (capped);
+        the count wears off by one for each base time spent back in rotation."""
+        now = self._loop.time()
+        base = outlier.base_ejection_time
+        worn_off = int((now - self.returned_at) / base)
+        self.ejections = max(0, self.ejections - worn_off) + 1
+        seconds = min(base * self.ejections, max(base, outlier.max_ejection_time))
+        self.ejected = True
+        self.errors_5xx = self.connect_failures = 0
+        self._return_timer = self._loop.call_later(seconds, self.end_ejection)
+        return seconds
 
-    def addresses(self) -> list[Address]:
-        return list(self._pools)
+    def end_ejection(self) -> None:
+        if self._return_timer is not None:
+            self._return_timer.cancel()
+            self._return_timer = None
+        if self.ejected:
+            self.ejected = False
+            self.returned_at = self._loop.time()
+            log.info("%s: endpoint %s back in rotation", self.balancer.name, self.address)
+            self.balancer.refresh()
 
-    def is_healthy(self, address: Address) -> bool:
-        pool = self._pools.get(address)
-        return pool is None or pool.healthy
+    # -- active health -----------------------------------------------------
+    def check_result(self, passed: bool, check: HealthCheck) -> None:
+        """One health check's verdict; thresholds decide when the state flips."""
+        if self.closed:
+            return
+        if passed:
+            self.check_failures = 0
+            self.check_passes += 1
+            self.end_ejection()  # as in Envoy, a passing check ends an ejection early
+            if not self.checked_healthy and self.check_passes >= check.healthy_threshold:
+                self._set_checked_healthy(True)
+        else:
+            self.check_passes = 0
+            self.check_failures += 1
+            if self.checked_healthy and self.check_failures >= check.unhealthy_threshold:
+                self._set_checked_healthy(False)
 
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+    def forget_checks(self) -> None:
+        """The service no longer has a health check."""
+        self.check_passes = self.check_failures = 0
+        self.checked_healthy = True
+
+    def _set_checked_healthy(self, healthy: bool) -> None:
+        self.checked_healthy = healthy
+        verdict = "passes its health checks" if healthy else "fails its health checks"
+        level = logging.INFO if healthy else logging.WARNING
+        log.log(level, "%s: endpoint %s %s", self.balancer.name, self.address, verdict)
+        self.balancer.refresh()
 
 
 class Balancer:
-    """Round robin over the healthy endpoints of one version."""
+    """The endpoints of one version of one service: which are in rotation,
+    and the choice among those (round robin, or least request by power of
+    two random choices). Kept across reloads; `configure` adopts new settings."""
 
-    __slots__ = ("_next", "pools")
+    __slots__ = ("_next", "healthy", "least_request", "max_attempts", "name", "outlier", "pools")
 
-    def __init__(self, pools: Sequence[EndpointPool]) -> None:
-        self.pools = tuple(pools)
-        self._next = 0
+    def __init__(self, name: str) -> None:
+        self.name = name  # "service/version", for logs
+        self.pools: tuple[EndpointPool, ...] = ()
+        self.healthy: tuple[EndpointPool, ...] = ()  # in rotation; rebuilt when health changes
+        self.least_request = False
+        self.max_attempts = 1  # endpoints one request may try: 1 + retries.attempts
+        self.outlier = OutlierDetection()
+        self._next = randrange(1 << 16)  # workers do not all start on the same endpoint
 
-    def choose(self, exclude: Sequence[EndpointPool] = ()) -> EndpointPool | None:
-        pools = self.pools
-        count = len(pools)
-        for _ in range(count):
-            pool = pools[self._next % count]
+    def __repr__(self) -> str:
+        return f"<Balancer {self.name} [{len(self.healthy)}/{len(self.pools)} in rotation]>"
+
+    def configure(self, service: Service, version: Version) -> None:
+        """Adopt a (re)loaded version: endpoints that stay keep their connections and health."""
+        old = {pool.address: pool for pool in self.pools}
+        self.pools = tuple(old.get(a) or EndpointPool(a, self) for a in version.endpoints)
+        for address, pool in old.items():
+            if address not in version.endpoints:
+                pool.close()
+        self.least_request = service.load_balancing == "least_request"
+        self.max_attempts = 1 + service.retries.attempts
+        self.outlier = service.outlier_detection
+        limit = service.max_connections_per_endpoint or UNLIMITED
+        for pool in self.pools:
+            pool.idle_timeout = service.timeouts.idle
+            pool.max_connections = limit
+            if service.health_check is None:
+                pool.forget_checks()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.healthy = tuple(pool for pool in self.pools if pool.healthy)
+
+    def choose(self, tried: Sequence[EndpointPool] = ()) -> EndpointPool | None:
+        """An endpoint in rotation, not `tried` yet by this request, with room
+        for a connection. None when none is left to try; UpstreamOverflow
+        when those left are all at their connection limit."""
+        healthy = self.healthy
+        count = len(healthy)
+        if not count:
+            return None
+        if self.least_request and count > 1:
+            first = int(random() * count)
+            second = int(random() * (count - 1))
+            second += second >= first
+            a, b = healthy[first], healthy[second]
+            pool = a if a.outstanding + a.connecting <= b.outstanding + b.connecting else b
+        else:
+            pool = healthy[self._next % count]
             self._next += 1
-            if pool.healthy and pool not in exclude:
-                return pool
-        return None
+        if pool.outstanding + pool.connecting < pool.max_connections and pool not in tried:
+            return pool
+        return self._choose_among_all(tried)
+
+    def _choose_among_all(self, tried: Sequence[EndpointPool]) -> EndpointPool | None:
+        """The slow path, for a retry or a full endpoint: look at every one."""
+        left = [pool for pool in self.healthy if pool not in tried]
+        if not left:
+            return None
+        with_room = [pool for pool in left if pool.has_room]
+        if not with_room:
+            raise UpstreamOverflow(
+                f"every endpoint of {self.name} is at its limit of "
+                f"{left[0].max_connections} connections"
+            )
+        if self.least_request:
+            return min(with_room, key=lambda pool: pool.outstanding + pool.connecting)
+        pool = with_room[self._next % len(with_room)]
+        self._next += 1
+        return pool
+
+    def eject(self, pool: EndpointPool, reason: str) -> None:
+        """Take `pool` out of rotation, unless more than max_ejection_percent
+        of the version would then be ejected; one endpoint always can be."""
+        if pool.ejected or pool.closed:
+            return
+        ejected = sum(other.ejected for other in self.pools)
+        if ejected and (ejected + 1) * 100 > len(self.pools) * self.outlier.max_ejection_percent:
+            return
+        seconds = pool.eject(self.outlier)
+        log.warning("%s: endpoint %s ejected for %gs: %s", self.name, pool.address, seconds, reason)
+        self.refresh()
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+
+class Upstreams:
+    """Every version's balancer, following the live config (endpoints that
+    stay keep their connections and health across reloads), and the active
+    health checks of this process."""
+
+    def __init__(self) -> None:
+        self._balancers: dict[tuple[str, str], Balancer] = {}
+        self._checker = HealthChecker()
+
+    def __repr__(self) -> str:
+        return f"<Upstreams [{len(self._balancers)} versions]>"
+
+    def update(self, config: Config) -> None:
+        """Adopt a new snapshot's services (call from the event loop)."""
+        balancers: dict[tuple[str, str], Balancer] = {}
+        checks: dict[Checked, HealthCheck] = {}
+        for service in config.services:
+            for version in service.versions:
+                key = (service.name, version.name)
+                balancer = self._balancers.pop(key, None) or Balancer("/".join(key))
+                balancer.configure(service, version)
+                balancers[key] = balancer
+                if service.health_check is not None:
+                    checks.update(dict.fromkeys(balancer.pools, service.health_check))
+        for gone in self._balancers.values():
+            gone.close()
+        self._balancers = balancers
+        self._checker.follow(checks)
+
+    def balancer(self, service: str, version: str) -> Balancer:
+        return self._balancers[(service, version)]
+
+    def addresses(self) -> list[Address]:
+        pools = (pool for balancer in self._balancers.values() for pool in balancer.pools)
+        return list(dict.fromkeys(pool.address for pool in pools))
+
+    def is_healthy(self, address: Address) -> bool:
+        """False while the address is out of rotation in any version that lists it."""
+        return all(
+            pool.healthy
+            for balancer in self._balancers.values()
+            for pool in balancer.pools
+            if pool.address == address
+        )
+
+    def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
+        balancer = self._balancers.get((service, version))
+        pools = balancer.pools if balancer is not None else ()
+        return all(pool.healthy for pool in pools if pool.address == address)
+
+    def close(self) -> None:
+        self._checker.close()
+        for balancer in self._balancers.values():
+            balancer.close()

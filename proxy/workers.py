@@ -8,7 +8,7 @@ messages (both ends are this program, so pickle is safe here):
   supervisor -> worker   ("config", generation, Config)   adopt a new snapshot
                          ("report", request_id)           send counters and health
   worker -> supervisor   ("ready",)
-                         ("report", request_id, metrics dump, {address: healthy})
+                         ("report", request_id, metrics dump, {endpoint key: healthy})
 
 A worker that dies is started again with the current config; its last
 reported counters are kept so that aggregated counters never go backwards.
@@ -40,6 +40,7 @@ from .state import LiveState, Snapshot
 log = logging.getLogger("grayproxy")
 
 HEADER = struct.Struct("!I")
+EndpointKey = tuple[str, str, str]  # service, version, address
 REPORT_TIMEOUT = 1.0
 RESTART_DELAY = 0.5
 
@@ -66,7 +67,7 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.ready = asyncio.Event()
         self.last_dump: dict[tuple[str, str], StatsDump] = {}
-        self.health: dict[str, bool] = {}
+        self.health: dict[EndpointKey, bool] = {}
         self.replies: dict[int, asyncio.Future[None]] = {}
 
     def __repr__(self) -> str:
@@ -186,7 +187,8 @@ class Supervisor:
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         """Healthy unless a worker has it ejected."""
-        return all(worker.health.get(str(address), True) for worker in self.workers)
+        key = (service, version, str(address))
+        return all(worker.health.get(key, True) for worker in self.workers)
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM every worker (they drain), then wait for them, killing stragglers."""
@@ -215,6 +217,7 @@ async def serve_worker(fd: int) -> int:
     state = LiveState(config, None)
     state.install(config, generation)
     plane = DataPlane(state, Metrics())
+    plane.start()
     server = await loop.create_server(
         plane.protocol_factory,
         config.listen.host,
@@ -249,12 +252,21 @@ async def follow_supervisor(
                 if generation != state.snapshot.generation:
                     state.install(config, generation)
             elif message[0] == "report":
-                health = {
-                    str(a): plane.upstreams.is_healthy(a) for a in plane.upstreams.addresses()
-                }
+                health = endpoint_health(state.snapshot.config, plane)
                 await send(writer, ("report", message[1], plane.metrics.dump(), health))
     except (asyncio.IncompleteReadError, ConnectionError):
         return
+
+
+def endpoint_health(config: Config, plane: DataPlane) -> dict[EndpointKey, bool]:
+    return {
+        (service.name, version.name, str(address)): plane.endpoint_healthy(
+            service.name, version.name, address
+        )
+        for service in config.services
+        for version in service.versions
+        for address in version.endpoints
+    }
 
 
 def worker_main(fd: int) -> int:

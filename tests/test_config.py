@@ -17,6 +17,9 @@ from proxy.config import (
     ConfigError,
     FieldMatch,
     HashSource,
+    HealthCheck,
+    OutlierDetection,
+    Retries,
     Service,
     StickyCookie,
     Timeouts,
@@ -827,3 +830,127 @@ def test_check_weights_accepts_any_hundredths(cents: dict[str, int]) -> None:
     weights = check_weights(WEB, raw)
     assert list(weights) == ["stable", "canary", "dark"]
     assert weights == {name: raw.get(name, 0.0) for name in weights}
+
+
+# ------------------------------------------------------------ health, balancing, retries
+
+
+def test_health_balancing_and_retry_defaults() -> None:
+    web = only_service(MINIMAL)
+    assert web.load_balancing == "round_robin"
+    assert web.max_connections_per_endpoint == 0
+    assert web.health_check is None
+    assert web.outlier_detection == OutlierDetection(
+        consecutive_5xx=5,
+        consecutive_connect_failures=1,
+        base_ejection_time=10.0,
+        max_ejection_time=300.0,
+        max_ejection_percent=50,
+    )
+    assert web.retries == Retries(attempts=2)
+
+
+def test_health_balancing_and_retry_keys() -> None:
+    web = only_service("""
+        services:
+          - name: web
+            load_balancing: least_request
+            max_connections_per_endpoint: 64
+            health_check:
+              path: /ready?deep=1
+              host: app.internal
+              interval: 2s
+              timeout: 250ms
+              healthy_threshold: 1
+              unhealthy_threshold: 4
+            outlier_detection:
+              consecutive_5xx: 0
+              consecutive_connect_failures: 3
+              base_ejection_time: 30s
+              max_ejection_time: 10m
+              max_ejection_percent: 100
+            retries: {attempts: 0}
+            versions: {v1: {endpoints: ["127.0.0.1:9001"]}}
+    """)
+    assert web.load_balancing == "least_request"
+    assert web.max_connections_per_endpoint == 64
+    assert web.health_check == HealthCheck(
+        path="/ready?deep=1",
+        host="app.internal",
+        interval=2.0,
+        timeout=0.25,
+        healthy_threshold=1,
+        unhealthy_threshold=4,
+    )
+    assert web.outlier_detection == OutlierDetection(0, 3, 30.0, 600.0, 100)
+    assert web.retries == Retries(attempts=0)
+
+
+def test_an_empty_health_check_block_checks_with_the_defaults() -> None:
+    web = only_service("""
+        services:
+          - name: web
+            health_check: {}
+            outlier_detection: {max_ejection_percent: 10}
+            versions: {v1: {endpoints: ["127.0.0.1:9001"]}}
+    """)
+    assert web.health_check == HealthCheck(path="/healthz", interval=5.0, timeout=1.0)
+    assert web.outlier_detection == OutlierDetection(max_ejection_percent=10)
+
+
+HEALTH = SERVICE + ONE_VERSION  # health keys go on line 4
+
+# fmt: off
+HEALTH_ERROR_CASES = [
+    (HEALTH + "    load_balancing: random", "services[0].load_balancing", 4,
+     "'random': expected one of: round_robin, least_request"),
+    (HEALTH + "    max_connections_per_endpoint: -1", "services[0].max_connections_per_endpoint",
+     4, "must be at least 0"),
+    (HEALTH + "    health_check: /healthz", "services[0].health_check", 4,
+     "expected a mapping, got a string"),
+    (HEALTH + "    health_check: {path: healthz}", "services[0].health_check.path", 4,
+     "must start with '/'"),
+    (HEALTH + "    health_check: {path: '/a b'}", "services[0].health_check.path", 4,
+     "without spaces or '#'"),
+    (HEALTH + "    health_check: {host: 'a b'}", "services[0].health_check.host", 4,
+     "not a valid Host"),
+    (HEALTH + "    health_check: {interval: 0s}", "services[0].health_check.interval", 4,
+     "must be greater than zero"),
+    (HEALTH + "    health_check: {timeout: soon}", "services[0].health_check.timeout", 4,
+     "invalid duration"),
+    (HEALTH + "    health_check: {healthy_threshold: 0}",
+     "services[0].health_check.healthy_threshold", 4, "must be at least 1"),
+    (HEALTH + "    health_check: {unhealthy_threshold: 1.5}",
+     "services[0].health_check.unhealthy_threshold", 4, "expected an integer"),
+    (HEALTH + "    health_check: {port: 80}", "services[0].health_check.port", 4,
+     "unknown key 'port'"),
+    (HEALTH + "    outlier_detection: {consecutive_5xx: -1}",
+     "services[0].outlier_detection.consecutive_5xx", 4, "must be at least 0"),
+    (HEALTH + "    outlier_detection: {consecutive_connect_failures: x}",
+     "services[0].outlier_detection.consecutive_connect_failures", 4, "expected an integer"),
+    (HEALTH + "    outlier_detection: {base_ejection_time: 0}",
+     "services[0].outlier_detection.base_ejection_time", 4, "must be greater than zero"),
+    (HEALTH + "    outlier_detection: {max_ejection_time: -5s}",
+     "services[0].outlier_detection.max_ejection_time", 4, "invalid duration"),
+    (HEALTH + "    outlier_detection: {max_ejection_percent: 101}",
+     "services[0].outlier_detection.max_ejection_percent", 4, "must be at most 100"),
+    (HEALTH + "    outlier_detection: {interval: 10s}",
+     "services[0].outlier_detection.interval", 4, "unknown key 'interval'"),
+    (HEALTH + "    retries: 2", "services[0].retries", 4, "expected a mapping, got an integer"),
+    (HEALTH + "    retries: {attempts: -1}", "services[0].retries.attempts", 4,
+     "must be at least 0"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "line", "message"),
+    HEALTH_ERROR_CASES,
+    ids=[f"{index}-{case[1]}" for index, case in enumerate(HEALTH_ERROR_CASES)],
+)
+def test_health_errors_name_their_path_and_line(
+    text: str, path: str, line: int, message: str
+) -> None:
+    errors = errors_of(text)
+    prefix = f"{path}: line {line}: "
+    assert any(error.startswith(prefix) and message in error for error in errors), errors
