@@ -51,6 +51,7 @@ class Limits:
     max_header_bytes: int = 32768
     header_read_timeout: float = 10.0
     max_body_bytes: int = 0  # 0 = no limit
+    max_connections: int = 10000  # concurrent client connections per worker; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +216,7 @@ _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0
 _TOP_KEYS = ("listen", "workers", "control", "timeouts", "limits", "drain_timeout", "services")
 _CONTROL_KEYS = ("listen", "token_env", "token_file")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
-_LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes")
+_LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
 _SERVICE_KEYS = (
     "name",
     "match",
@@ -723,10 +724,12 @@ class _Reader:
             fields.get("header_read_timeout"), f"{path}.header_read_timeout"
         )
         body_bytes = self.integer(fields.get("max_body_bytes"), f"{path}.max_body_bytes", 0)
+        connections = self.integer(fields.get("max_connections"), f"{path}.max_connections", 0)
         return Limits(
             max_header_bytes=_or(header_bytes, default.max_header_bytes),
             header_read_timeout=_or(read_timeout, default.header_read_timeout),
             max_body_bytes=_or(body_bytes, default.max_body_bytes),
+            max_connections=_or(connections, default.max_connections),
         )
 
     # ----------------------------------------------------------------- control

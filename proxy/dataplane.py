@@ -12,6 +12,7 @@ copied: Content-Length or chunked on each side as that side needs.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections import deque
@@ -41,13 +42,20 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Set by the proxy, so a client's own values are dropped.
-REPLACED_REQUEST_HEADERS = frozenset({b"content-length", b"x-forwarded-proto", b"x-forwarded-host"})
+# Set by the proxy, so a client's own lines are dropped (X-Forwarded-For is extended).
+REPLACED_REQUEST_HEADERS = frozenset(
+    {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
 STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 PAUSE_BUFFER_BYTES = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per
 # request: arming one is then a float assignment. They fire up to a tick late.
 TICK = 0.1
+SWEEP_EVERY = 10  # ticks between two sweeps of idle upstream connections
+# Refusals after which nothing more is read from the connection.
+CLOSING_STATUSES = frozenset({400, 408, 413, 431, 501, 505})
+# RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
+VALID_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED_END = b"0\r\n\r\n"
 
@@ -120,6 +128,7 @@ class DataPlane:
         self.draining = False
         self.now = time.monotonic()  # the ticker's clock, for timeouts
         self._ticker: asyncio.TimerHandle | None = None
+        self._ticks = 0
         state.subscribe(self._on_snapshot)
 
     def start(self) -> None:
@@ -130,6 +139,9 @@ class DataPlane:
         self.now = now = time.monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        self._ticks += 1
+        if self._ticks % SWEEP_EVERY == 0:
+            self.upstreams.close_expired(now)
         self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
@@ -164,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_bytes",
         "_headers",
         "_in_head",
+        "_pending_error",
         "_url",
         "client_ip",
         "current",
@@ -171,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "plane",
         "queue",
+        "refused",
         "transport",
         "tunnel",
         "write_paused",
@@ -190,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0
         self.expires = 0.0  # when the idle or header-read wait times out; 0: not waiting
+        self.refused = False  # a request was refused: nothing more is read or parsed
+        self._pending_error: ProxyError | None = None  # raised from a parser callback
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} busy={self.current is not None}>"
@@ -197,6 +213,10 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        cap = self.plane.limits.max_connections
+        if cap and len(self.plane.connections) >= cap:
+            self.transport.abort()  # over the cap: refuse at once rather than queue
+            return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         sock = transport.get_extra_info("socket")
@@ -208,6 +228,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.write(data)
+            return
+        if self.refused:
             return
         if self._in_head or self.current is None:
             self._head_bytes += len(data)
@@ -222,10 +244,22 @@ class ClientConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.early_data = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
-            self._fail_request(errors.BadRequest(f"malformed request: {exc}"))
+            self.refuse(self._parse_error(exc))
         else:
             if self._in_head and self._head_bytes > self.plane.limits.max_header_bytes:
-                self._fail_request(errors.HeadersTooLarge("request header block too large"))
+                self.refuse(errors.HeadersTooLarge("request header block too large"))
+        # Exchanges start once the whole read is parsed: a malformed body that
+        # arrived with its head is refused before anything goes upstream.
+        current = self.current
+        if current is not None and not current.started:
+            current.start()
+
+    def _parse_error(self, exc: Exception) -> ProxyError:
+        if self._pending_error is not None:
+            return self._pending_error
+        if "HTTP version" in str(exc):
+            return errors.VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
+        return errors.BadRequest(f"malformed request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.plane.connections.discard(self)
@@ -248,6 +282,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------
     def on_message_begin(self) -> None:
+        if self.refused:
+            return
         self._url = b""
         self._headers = []
         self._in_head = True
@@ -258,30 +294,50 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._in_head:
+            self._headers.append((name, value))
+            return
+        # A trailer: not forwarded (bodies are re-framed), but bounded.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.plane.limits.max_header_bytes:
+            self._pending_error = errors.HeadersTooLarge("request trailers too large")
+            raise self._pending_error
 
     def on_headers_complete(self) -> None:
+        if self.refused:
+            return
         self._in_head = False
+        limit = self.plane.limits.max_header_bytes
+        if self._head_bytes > limit and self._head_size() > limit:
+            self._pending_error = errors.HeadersTooLarge("request header block too large")
+            raise self._pending_error
         self._head_bytes = 0
         self.expires = 0.0
         exchange = Exchange(self, self.parser.get_method(), self._url, self._headers)
+        if exchange.error is not None and exchange.error.status in CLOSING_STATUSES:
+            self.refused = True  # nothing after a refused request is read
+            exchange.close_after = exchange.request_done = True
+            if self.transport is not None:
+                self.transport.pause_reading()
         self._enqueue(exchange)
+
+    def _head_size(self) -> int:
+        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.queue[-1] if self.queue else self.current
-        if exchange is not None:
+        if exchange is not None and not self.refused:
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
         exchange = self.queue[-1] if self.queue else self.current
-        if exchange is not None:
+        if exchange is not None and not self.refused:
             exchange.request_complete()
 
     # -- exchanges ---------------------------------------------------------
     def _enqueue(self, exchange: Exchange) -> None:
         if self.current is None:
-            self.current = exchange
-            exchange.start()
+            self.current = exchange  # started by data_received once the read is parsed
         else:
             self.queue.append(exchange)
             if self.transport is not None:
@@ -300,18 +356,23 @@ class ClientConnection(asyncio.Protocol):
         self.transport.resume_reading()
         self.expires = self.plane.now + self.plane.idle_timeout
 
-    def _fail_request(self, error: ProxyError) -> None:
-        """A request that cannot be parsed or accepted: answer in turn, then close."""
-        self.parser = httptools.HttpRequestParser(self)  # never parse more of this stream
+    def refuse(self, error: ProxyError) -> None:
+        """The stream cannot be parsed or accepted: answer in turn, then close;
+        nothing more is read."""
+        self.refused = True
         self._in_head = False
         if self.transport is not None:
             self.transport.pause_reading()
-        exchange = Exchange.failed(self, error)
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is not None and not exchange.request_done:
+            exchange.refuse(error)  # its own body is malformed
+            return
+        failed = Exchange.failed(self, error)
         if self.current is None:
-            self.current = exchange
-            exchange.start()
+            self.current = failed
+            failed.start()
         else:
-            self.queue.append(exchange)
+            self.queue.append(failed)
 
     # -- helpers -----------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -353,7 +414,7 @@ class ClientConnection(asyncio.Protocol):
         if self.expires and now >= self.expires:
             self.expires = 0.0
             if self._in_head:  # headers not complete in time: slow or stalled client
-                self._fail_request(errors.RequestTimeout("request headers not received in time"))
+                self.refuse(errors.RequestTimeout("request headers not received in time"))
             elif self.current is None:  # idle keep-alive connection
                 self.close()
         if self.current is not None:
@@ -387,6 +448,7 @@ class Exchange:
         "response_started",
         "service",
         "set_cookie",
+        "started",
         "started_at",
         "status",
         "target",
@@ -411,6 +473,7 @@ class Exchange:
         self.set_cookie: str | None = None
         self.error: ProxyError | None = None
         self.response_started = False
+        self.started = False
         self.status = 0
         self.upstream_closes = False
         self.request_done = False
@@ -461,7 +524,7 @@ class Exchange:
         forwarded, headers, host = self._read_headers(raw_headers)
         if parser.should_upgrade():
             self.upgrade = headers.get("upgrade", "").encode("latin-1")
-        target_url = self._origin_form(url, host)
+        target_url = self._origin_form(url, host, method)
         path, _, query = target_url.partition(b"?")
         view = RequestView(
             method.decode("latin-1"),
@@ -493,6 +556,8 @@ class Exchange:
             if name == b"host":
                 if host is not None or "," in text:
                     raise errors.BadRequest("more than one Host")
+                if VALID_HOST.fullmatch(text) is None:
+                    raise errors.BadRequest("invalid Host")
                 host = text
             elif name == b"transfer-encoding":
                 self._check_transfer_encoding(raw_value, key in headers)
@@ -527,7 +592,7 @@ class Exchange:
         self._chunked_request = True
 
     @staticmethod
-    def _origin_form(url: bytes, host: str) -> bytes:
+    def _origin_form(url: bytes, host: str, method: bytes) -> bytes:
         if url.startswith(b"/"):
             return url
         lowered = url[:8].lower()
@@ -537,7 +602,7 @@ class Exchange:
             if authority.decode("latin-1").lower() != host.lower():
                 raise errors.BadRequest("absolute-form target names another host")
             return slash + path if slash else b"/"
-        if url == b"*":
+        if url == b"*" and method == b"OPTIONS":
             return url
         raise errors.BadRequest("invalid request target")
 
@@ -563,7 +628,7 @@ class Exchange:
         xff = headers.get("x-forwarded-for")
         lines = [
             method + b" " + target_url + b" HTTP/1.1\r\n",
-            *[line for line in forwarded if not line[:16].lower().startswith(b"x-forwarded-for:")],
+            *forwarded,
             b"x-forwarded-for: " + (f"{xff}, {ip}" if xff else ip).encode("latin-1") + b"\r\n",
             b"x-forwarded-proto: http\r\n",
         ]
@@ -580,6 +645,7 @@ class Exchange:
 
     # -- running -----------------------------------------------------------
     def start(self) -> None:
+        self.started = True
         if self.error is not None:
             self._respond_error(self.error)
             return
@@ -682,6 +748,18 @@ class Exchange:
         else:
             self.client.pause_reading(False)
 
+    def refuse(self, error: ProxyError) -> None:
+        """The request's own body turned out malformed: the upstream, if it
+        has the head already, is cut off before the request is complete."""
+        self.request_done = self.close_after = True
+        if not self.started:
+            self.error = error
+            return
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self._upstream_error(error)
+
     def request_body(self, chunk: bytes) -> None:
         if self.error is not None or self.response_started:
             return
@@ -717,7 +795,7 @@ class Exchange:
                 self._body_buffer.append(CHUNKED_END)
         if self.upstream is not None:
             self._request_sent()
-        elif self._pending is None and self.client.current is self:
+        elif self.started and self._pending is None and self.client.current is self:
             self._connect_soon()  # the held chunked body is complete and within the limit
 
     def _request_sent(self) -> None:
@@ -891,7 +969,7 @@ class Exchange:
     def _respond_error(self, error: ProxyError) -> None:
         status = error.status
         body = f"{status} {errors.REASONS.get(status, 'Error')}: {error.detail}\n".encode()
-        self.close_after = self.close_after or not self.request_done or status in (400, 408, 431)
+        self.close_after = self.close_after or not self.request_done or status in CLOSING_STATUSES
         lines = [
             status_line(status),
             b"content-type: text/plain; charset=utf-8\r\n",

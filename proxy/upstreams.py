@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from random import random, randrange
 from typing import Protocol, cast
@@ -56,10 +57,11 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_headers",
+        "_in_body",
         "_informational",
         "_parser",
         "_skip_body",
-        "idle_timer",
+        "idle_since",
         "pool",
         "received",
         "reused",
@@ -76,10 +78,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._informational = False
         self._skip_body = False
+        self._in_body = False  # between a response's head and its end
         self.received = False  # any byte of the current response arrived
         self.reused = False
         self.upgraded = False  # a 101 turned this connection into a byte tunnel
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it went back to the pool (time.monotonic)
 
     def __repr__(self) -> str:
         state = "busy" if self.sink else "idle"
@@ -154,8 +157,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.upgraded and self.sink is not None:
             sink, self.sink = self.sink, None
             sink.tunnel_closed()
+        elif self.sink is not None and self._in_body and self._close_delimited():
+            self.sink.response_complete()  # the close is how such a body ends
         elif self.sink is not None:
             self._fail(UpstreamReset("upstream closed the connection before the response ended"))
+
+    def _close_delimited(self) -> bool:
+        """A response with neither Content-Length nor Transfer-Encoding."""
+        framing = (b"content-length", b"transfer-encoding")
+        return not any(name.lower() in framing for name, _ in self._headers)
 
     def pause_writing(self) -> None:
         if self.sink is not None:
@@ -189,11 +199,13 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_informational(status, self._headers)
             return
         self.upgraded = status == 101
+        self._in_body = True
         sink.response_head(status, self._headers, not self._parser.should_keep_alive())
         if self._skip_body and self.sink is sink:
             # llhttp cannot be told that this answers a HEAD: end the message
             # here and start the next one with a fresh parser.
             self._parser = httptools.HttpResponseParser(self)
+            self._in_body = False
             sink.response_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -201,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.response_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         if self._informational:
             self._informational = False
             return
@@ -283,9 +296,6 @@ class EndpointPool:
     def take_idle(self) -> UpstreamConnection | None:
         while self._idle:
             conn = self._idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
@@ -315,15 +325,18 @@ class EndpointPool:
         if self.closed or len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.abort()
             return
-        conn.idle_timer = self._loop.call_later(self.idle_timeout, conn.abort)
+        conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         if conn in self._idle:
             self._idle.remove(conn)
+
+    def close_expired(self, now: float) -> None:
+        """Close the connections idle for longer than `idle_timeout` (oldest first)."""
+        idle = self._idle
+        while idle and now - idle[0].idle_since > self.idle_timeout:
+            idle.pop(0).abort()
 
     def close(self) -> None:
         """Left the configuration, or the process stops: idle connections are
@@ -536,6 +549,11 @@ class Upstreams:
             gone.close()
         self._balancers = balancers
         self._checker.follow(checks)
+
+    def close_expired(self, now: float) -> None:
+        for balancer in self._balancers.values():
+            for pool in balancer.pools:
+                pool.close_expired(now)
 
     def balancer(self, service: str, version: str) -> Balancer:
         return self._balancers[(service, version)]

@@ -1,0 +1,689 @@
+"""Request smuggling and strict framing, black-box: raw bytes from a socket to a
+real grayproxy process, in front of an upstream that keeps every byte it gets.
+
+Every ambiguous or malformed request must be answered with its status (400,
+501 for an unknown transfer coding, 505 for a foreign HTTP version, 431 for an
+oversize header block), the connection closed, and not one byte of it may
+reach the upstream. Invalid upstream responses become 502; an upstream that
+dies mid-body leaves the client with a visibly truncated response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httptools
+import pytest
+
+from procs import ProxyProcess
+from servers import LoopThread, raw_server
+
+MAX_HEADER_BYTES = 8192
+
+# --------------------------------------------------------------------------- the recording upstream
+
+
+@dataclass
+class Forwarded:
+    """One complete request as the upstream parsed it."""
+
+    method: bytes
+    url: bytes
+    version: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key.lower() == name]
+
+
+class RecordingUpstream:
+    """A raw HTTP/1.1 server, parsed with strict llhttp, that keeps every byte.
+
+    It answers each complete request with ``200`` (``x-recorded: N``, body
+    ``ok``). ``raw`` holds every byte received, over all connections, in
+    arrival order; ``errors`` the parse errors (bytes no strict parser
+    accepts); ``aborted`` counts requests whose head arrived but that never
+    completed before the connection ended; ``open_partials`` those still open.
+    """
+
+    def __init__(self, loops: LoopThread) -> None:
+        self.loops = loops
+        self.raw = bytearray()
+        self.requests: list[Forwarded] = []
+        self.errors: list[str] = []
+        self.aborted = 0
+        self.open_partials = 0
+        self.port = 0
+        self.connections: set[_Recording] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> RecordingUpstream:
+        async def serve() -> asyncio.Server:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(lambda: _Recording(self), "127.0.0.1", 0)
+
+        self._server = self.loops.call(serve())
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+
+        self.loops.call(close())
+
+    def cut_open_requests(self) -> None:
+        """Close the connections in the middle of a request (after a failed check)."""
+
+        async def cut() -> None:
+            for conn in list(self.connections):
+                if conn.head_done and conn.transport is not None:
+                    conn.transport.abort()
+
+        self.loops.call(cut())
+
+
+@dataclass
+class _Message:
+    method: bytes = b""
+    url: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+
+
+class _Recording(asyncio.Protocol):
+    def __init__(self, owner: RecordingUpstream) -> None:
+        self.owner = owner
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.message: _Message | None = None
+        self.head_done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.raw += data
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.parser = httptools.HttpRequestParser(self)
+            if rest := data[exc.args[0] :]:
+                self._feed(rest)
+        except httptools.HttpParserError as exc:
+            self.owner.errors.append(f"{exc}: {bytes(self.owner.raw[-400:])!r}")
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_done:
+            self.owner.aborted += 1
+            self.owner.open_partials -= 1
+        self.transport = None
+        self.owner.connections.discard(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.message = _Message()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.message is not None
+        self.message.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.message is not None
+        self.message.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        self.owner.open_partials += 1
+
+    def on_body(self, body: bytes) -> None:
+        assert self.message is not None
+        self.message.body += body
+
+    def on_message_complete(self) -> None:
+        message, self.message = self.message, None
+        assert message is not None and self.transport is not None
+        self.head_done = False
+        self.owner.open_partials -= 1
+        method = self.parser.get_method()
+        self.owner.requests.append(
+            Forwarded(
+                method,
+                message.url,
+                self.parser.get_http_version(),
+                message.headers,
+                bytes(message.body),
+            )
+        )
+        body = b"" if method == b"HEAD" else b"ok"
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-recorded: %d\r\n\r\n%b"
+            % (len(self.owner.requests), body)
+        )
+        if not self.parser.should_keep_alive():
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- raw client side
+
+
+def exchange(port: int, data: bytes | list[bytes], timeout: float = 2.0) -> tuple[bytes, bool]:
+    """Send raw bytes (a list: one send each, 20 ms apart) and read until the
+    proxy closes or `timeout` passes. Returns the reply and whether it closed."""
+    pieces = [data] if isinstance(data, bytes) else data
+    chunks: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            for index, piece in enumerate(pieces):
+                if index:
+                    time.sleep(0.02)
+                sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before everything was sent: read what it answered
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return b"".join(chunks), False
+            except ConnectionResetError:
+                return b"".join(chunks), True
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    complete: bool
+
+
+class _ResponseCollector:
+    def __init__(self) -> None:
+        self.responses: list[Response] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.responses.append(Response(0, {}, b"", False))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.responses[-1].headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self.responses[-1].status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.responses[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.responses[-1].complete = True
+
+
+def parse_responses(reply: bytes) -> list[Response]:
+    """The HTTP/1.1 responses in `reply`, checked by a strict parser; the last
+    one may be incomplete (`complete` False)."""
+    collector = _ResponseCollector()
+    try:
+        collector.parser.feed_data(reply)
+    except httptools.HttpParserError as exc:
+        raise AssertionError(
+            f"the proxy answered malformed HTTP ({exc}): {reply[:600]!r}"
+        ) from None
+    return collector.responses
+
+
+# --------------------------------------------------------------------------- fixtures
+
+CONFIG = """
+listen: "127.0.0.1:${data_port}"
+control: {listen: "127.0.0.1:${control_port}"}
+limits: {max_header_bytes: %(max_header)d}
+services:
+  - name: web
+    versions: {stable: {endpoints: ["%(upstream)s"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def loops() -> Iterator[LoopThread]:
+    loops = LoopThread()
+    yield loops
+    loops.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream(loops: LoopThread) -> Iterator[RecordingUpstream]:
+    server = RecordingUpstream(loops).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: RecordingUpstream) -> Iterator[ProxyProcess]:
+    config = CONFIG % {"max_header": MAX_HEADER_BYTES, "upstream": upstream.address}
+    with ProxyProcess(config) as proc:
+        yield proc
+
+
+def assert_refused(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes | list[bytes], *statuses: int
+) -> bytes:
+    """`raw` gets one of `statuses`, the connection is closed, the upstream got nothing."""
+    before = len(upstream.raw)
+    reply, closed = exchange(proxy.data_port, raw)
+    assert reply.startswith(b"HTTP/1.1 "), f"no HTTP/1.1 answer to {raw!r}: {reply!r}"
+    responses = parse_responses(reply)
+    assert [r.status for r in responses] in [[s] for s in statuses], f"{raw!r} -> {reply[:300]!r}"
+    assert b"Traceback" not in reply
+    assert closed, f"connection left open after refusing {raw!r}"
+    assert proxy.returncode is None
+    time.sleep(0.05)  # anything forwarded would have arrived by now
+    assert bytes(upstream.raw[before:]) == b"", f"{raw!r} leaked upstream"
+    return reply
+
+
+def assert_served(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes, requests: int = 1
+) -> list[Forwarded]:
+    """`raw` is answered by the upstream (`requests` requests); returns what it got."""
+    before = len(upstream.requests)
+    reply, _ = exchange(proxy.data_port, raw)
+    responses = parse_responses(reply)
+    assert [r.status for r in responses] == [200] * requests, f"{raw!r} -> {reply[:300]!r}"
+    assert all(b"x-recorded" in r.headers for r in responses)
+    assert not upstream.errors, upstream.errors
+    return upstream.requests[before:]
+
+
+def post(
+    headers: bytes, body: bytes = b"", head: bytes = b"POST / HTTP/1.1\r\nHost: x\r\n"
+) -> bytes:
+    return head + headers + b"\r\n" + body
+
+
+# --------------------------------------------------------------------------- positive controls
+
+
+def test_valid_requests_are_served_and_reframed(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    [fixed] = assert_served(
+        proxy, upstream, post(b"Content-Length: 5\r\nConnection: close\r\n", b"hello")
+    )
+    assert fixed.body == b"hello" and fixed.header(b"content-length") == [b"5"]
+    [chunked] = assert_served(
+        proxy,
+        upstream,
+        post(
+            b"Transfer-Encoding: Chunked\r\nConnection: close\r\n",
+            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+        ),
+    )
+    assert chunked.body == b"hello world"
+    assert chunked.header(b"transfer-encoding") == [b"chunked"]
+    assert chunked.header(b"content-length") == []
+    [old] = assert_served(proxy, upstream, b"GET /old HTTP/1.0\r\n\r\n")
+    assert old.url == b"/old" and old.version == "1.1"
+
+
+def test_absolute_form_to_the_same_host_is_forwarded_in_origin_form(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    raw = b"GET http://Shop.Test/a/b?q=1 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"
+    [forwarded] = assert_served(proxy, upstream, raw)
+    assert forwarded.url == b"/a/b?q=1"
+    assert forwarded.header(b"host") == [b"shop.test"]
+
+
+def test_header_block_just_under_the_limit_is_served(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    filler = b"X-Fill: " + b"a" * (MAX_HEADER_BYTES - 200) + b"\r\n"
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    assert_served(proxy, upstream, head + filler + b"\r\n")
+
+
+# --------------------------------------------------------------------------- refused shapes
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n"
+
+BAD_400 = {
+    # Content-Length and Transfer-Encoding together, both orders
+    "cl-te": post(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+    "te-cl": post(b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"0\r\n\r\n"),
+    "cl-te-smuggle": post(
+        b"Content-Length: 13\r\nTransfer-Encoding: chunked\r\n",
+        b"0\r\n\r\nSMUGGLED",
+    ),
+    # Content-Length values
+    "cl-duplicate-same": post(b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello"),
+    "cl-duplicate-differing": post(b"Content-Length: 5\r\nContent-Length: 6\r\n", b"hello!"),
+    "cl-plus": post(b"Content-Length: +5\r\n", b"hello"),
+    "cl-minus": post(b"Content-Length: -5\r\n", b"hello"),
+    "cl-list-same": post(b"Content-Length: 5, 5\r\n", b"hello"),
+    "cl-list-comma": post(b"Content-Length: 5,5\r\n", b"hello"),
+    "cl-inner-space": post(b"Content-Length: 5 5\r\n", b"hello"),
+    "cl-hex": post(b"Content-Length: 0x5\r\n", b"hello"),
+    "cl-overflow": post(b"Content-Length: 99999999999999999999999\r\n", b"hello"),
+    # field syntax
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "space-before-colon-cl": post(b"Content-Length : 5\r\n", b"hello"),
+    "space-before-colon-te": post(b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n"),
+    "leading-space-te-name": post(b" Transfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+    "obs-fold": GET + b"X-A: a\r\n b\r\n\r\n",
+    "obs-fold-tab": GET + b"X-A: a\r\n\tb\r\n\r\n",
+    "obs-fold-te": post(b"Transfer-Encoding:\r\n chunked\r\n", b"0\r\n\r\n"),
+    "bare-cr-in-value": GET + b"X-A: a\rb\r\n\r\n",
+    "bare-cr-line-end": GET + b"X-A: a\rX-B: b\r\n\r\n",
+    "bare-cr-request-line": b"GET / HTTP/1.1\rHost: x\r\n\r\n",
+    "bare-lf-everywhere": b"GET / HTTP/1.1\nHost: x\n\n",
+    "bare-lf-one-header": b"GET / HTTP/1.1\r\nHost: x\nX-A: a\r\n\r\n",
+    "bare-lf-request-line": b"GET / HTTP/1.1\nHost: x\r\n\r\n",
+    "bare-lf-end-of-head": b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+    "nul-in-value": GET + b"X-A: a\x00b\r\n\r\n",
+    "nul-in-path": b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "nul-in-name": GET + b"X-\x00A: a\r\n\r\n",
+    "no-colon": GET + b"X-A\r\n\r\n",
+    "empty-name": GET + b": a\r\n\r\n",
+    "separator-in-name": GET + b"X(A): a\r\n\r\n",
+    "space-in-path": b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+    # chunk sizes and chunk framing
+    "chunk-size-not-hex": post(b"Transfer-Encoding: chunked\r\n", b"zz\r\nhello\r\n0\r\n\r\n"),
+    "chunk-size-negative": post(b"Transfer-Encoding: chunked\r\n", b"-1\r\nhello\r\n0\r\n\r\n"),
+    "chunk-size-0x": post(b"Transfer-Encoding: chunked\r\n", b"0x5\r\nhello\r\n0\r\n\r\n"),
+    "chunk-size-leading-space": post(
+        b"Transfer-Encoding: chunked\r\n", b" 5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "chunk-size-trailing-space": post(
+        b"Transfer-Encoding: chunked\r\n", b"5 \r\nhello\r\n0\r\n\r\n"
+    ),
+    "chunk-size-overflow": post(
+        b"Transfer-Encoding: chunked\r\n", b"1" + b"0" * 20 + b"\r\nhello\r\n0\r\n\r\n"
+    ),
+    "chunk-size-overflow-f": post(
+        b"Transfer-Encoding: chunked\r\n", b"F" * 20 + b"\r\nhello\r\n0\r\n\r\n"
+    ),
+    "chunk-data-no-crlf": post(b"Transfer-Encoding: chunked\r\n", b"5\r\nhelloXX0\r\n\r\n"),
+    "chunk-data-bare-lf": post(b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\n0\r\n\r\n"),
+    "chunk-size-bare-lf": post(b"Transfer-Encoding: chunked\r\n", b"5\nhello\r\n0\r\n\r\n"),
+    "chunk-too-long": post(b"Transfer-Encoding: chunked\r\n", b"3\r\nhello\r\n0\r\n\r\n"),
+    # Host
+    "host-duplicate": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "host-duplicate-same": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    "host-list": b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+    "host-missing": b"GET / HTTP/1.1\r\nX-A: a\r\n\r\n",
+    "host-with-space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host-with-slash": b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    # absolute-form naming another host
+    "absolute-foreign": b"GET http://evil.test/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute-foreign-port": b"GET http://x:81/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute-userinfo": b"GET http://x@evil.test/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute-foreign-https": b"GET https://evil.test/a HTTP/1.1\r\nHost: x\r\n\r\n",
+    # request line
+    "method-garbage": b"G(ET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "method-del": b"GE\x7fT / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "method-high-byte": b"G\xc9T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "method-leading-space": b" GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "version-lowercase": b"GET / http/1.1\r\nHost: x\r\n\r\n",
+    "version-junk": b"GET / HTTP/1.1x\r\nHost: x\r\n\r\n",
+    "connect": b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
+    "asterisk-form-get": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+BAD_TRANSFER_CODING = {
+    "te-xchunked": post(b"Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n"),
+    "te-leading-comma": post(b"Transfer-Encoding: ,chunked\r\n", b"0\r\n\r\n"),
+    "te-gzip-chunked": post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+    "te-chunked-gzip": post(b"Transfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n"),
+    "te-chunked-chunked": post(b"Transfer-Encoding: chunked, chunked\r\n", b"0\r\n\r\n"),
+    "te-repeated-header": post(
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"
+    ),
+    "te-identity": post(b"Transfer-Encoding: identity\r\n", b"hello"),
+    "te-gzip": post(b"Transfer-Encoding: gzip\r\n", b"hello"),
+    "te-vertical-tab": post(b"Transfer-Encoding: chunked\x0b\r\n", b"0\r\n\r\n"),
+    "te-quoted": post(b'Transfer-Encoding: "chunked"\r\n', b"0\r\n\r\n"),
+}
+
+BAD_VERSION = {
+    "http-2.0": b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+    "http-3.0": b"GET / HTTP/3.0\r\nHost: x\r\n\r\n",
+    "http-0.9": b"GET / HTTP/0.9\r\nHost: x\r\n\r\n",
+}
+# No version at all reads as an HTTP/0.9 simple request: 505 or 400.
+NO_VERSION = b"GET /\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("raw", BAD_400.values(), ids=BAD_400.keys())
+def test_malformed_or_ambiguous_request_is_400_and_never_forwarded(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
+) -> None:
+    assert_refused(proxy, upstream, raw, 400)
+
+
+@pytest.mark.parametrize("raw", BAD_TRANSFER_CODING.values(), ids=BAD_TRANSFER_CODING.keys())
+def test_obfuscated_or_unknown_transfer_coding_is_refused(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
+) -> None:
+    assert_refused(proxy, upstream, raw, 400, 501)
+
+
+@pytest.mark.parametrize("raw", BAD_VERSION.values(), ids=BAD_VERSION.keys())
+def test_foreign_http_version_is_505(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
+) -> None:
+    assert_refused(proxy, upstream, raw, 505)
+
+
+def test_request_line_without_version_is_refused(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    assert_refused(proxy, upstream, NO_VERSION, 400, 505)
+
+
+def test_http_1_2_is_refused_with_505_or_served_as_1_1(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    """SPEC §3 says 505 for a major version other than 1, issue 3 for anything
+    but 1.0 and 1.1; RFC 9112 lets a server treat 1.2 as 1.1. Both are fine,
+    a 400 is not."""
+    raw = b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n"
+    before = len(upstream.requests)
+    reply, _ = exchange(proxy.data_port, raw)
+    [response] = parse_responses(reply)
+    assert response.status in (200, 505), reply
+    if response.status == 200:
+        assert [r.version for r in upstream.requests[before:]] == ["1.1"]
+
+
+def test_oversize_header_block_is_431(proxy: ProxyProcess, upstream: RecordingUpstream) -> None:
+    one_big = b"X-Big: " + b"a" * (MAX_HEADER_BYTES + 100) + b"\r\n"
+    assert_refused(proxy, upstream, GET + one_big + b"\r\n", 431)
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(MAX_HEADER_BYTES // 100))
+    assert_refused(proxy, upstream, GET + many + b"\r\n", 431)
+
+
+def test_oversize_header_block_in_pieces_is_431(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    pieces = [GET] + [b"X-H%d: %s\r\n" % (i, b"c" * 1000) for i in range(12)] + [b"\r\n"]
+    assert_refused(proxy, upstream, pieces, 431)
+
+
+def test_oversize_request_line_is_refused(proxy: ProxyProcess, upstream: RecordingUpstream) -> None:
+    raw = b"GET /" + b"a" * (MAX_HEADER_BYTES + 100) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert_refused(proxy, upstream, raw, 414, 431)
+
+
+def test_oversize_trailers_are_refused(proxy: ProxyProcess, upstream: RecordingUpstream) -> None:
+    """A chunked body's trailer section is a header block too: unbounded, it
+    is a way around max_header_bytes."""
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 1000) for i in range(12))
+    raw = post(b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n" + trailers + b"\r\n")
+    assert_refused(proxy, upstream, raw, 400, 431)
+
+
+# --------------------------------------------------------------------------- pipelining
+
+
+PIPELINED_SECOND = {
+    "cl-te": post(
+        b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\nX-Smuggled: 1\r\n", b"0\r\n\r\nG"
+    ),
+    "obs-fold": b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Smuggled: 1\r\n x\r\n\r\n",
+    "bare-lf": b"GET /smuggled HTTP/1.1\nHost: x\nX-Smuggled: 1\n\n",
+    "duplicate-cl": post(b"Content-Length: 3\r\nContent-Length: 0\r\nX-Smuggled: 1\r\n", b"abc"),
+    "te-gzip-chunked": post(b"Transfer-Encoding: gzip, chunked\r\nX-Smuggled: 1\r\n", b"0\r\n\r\n"),
+    "foreign-absolute": b"GET http://evil.test/smuggled HTTP/1.1\r\nHost: x\r\nX-Smuggled: 1\r\n"
+    b"\r\n",
+    "http-2.0": b"GET /smuggled HTTP/2.0\r\nHost: x\r\nX-Smuggled: 1\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("second", PIPELINED_SECOND.values(), ids=PIPELINED_SECOND.keys())
+def test_pipelined_smuggling_attempt_serves_the_first_and_refuses_the_second(
+    proxy: ProxyProcess, upstream: RecordingUpstream, second: bytes
+) -> None:
+    first = post(b"Content-Length: 5\r\nX-First: 1\r\n", b"hello")
+    before_raw, before = len(upstream.raw), len(upstream.requests)
+    reply, closed = exchange(proxy.data_port, first + second)
+    responses = parse_responses(reply)
+    statuses = [r.status for r in responses]
+    assert len(statuses) == 2 and statuses[0] == 200, reply
+    assert statuses[1] in (400, 501, 505), reply
+    assert b"x-recorded" not in responses[1].headers
+    assert closed
+    time.sleep(0.05)
+    got = bytes(upstream.raw[before_raw:])
+    assert [r.header(b"x-first") for r in upstream.requests[before:]] == [[b"1"]]
+    assert b"mug" not in got.lower() and b"X-Smuggled" not in got, got
+    assert got.count(b" HTTP/1.1\r\n") == 1, got
+    assert not upstream.errors, upstream.errors
+
+
+REFUSED_FIRST = {
+    "host-duplicate": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    "absolute-foreign": b"GET http://evil.test/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http-2.0": b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+    "te-gzip-chunked": post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+    "connect": b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
+    "bad-chunk": post(b"Transfer-Encoding: chunked\r\n", b"zz\r\nhello\r\n0\r\n\r\n"),
+    "cl-te": post(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("first", REFUSED_FIRST.values(), ids=REFUSED_FIRST.keys())
+def test_nothing_after_a_refused_request_is_forwarded(
+    proxy: ProxyProcess, upstream: RecordingUpstream, first: bytes
+) -> None:
+    """With an idle keep-alive connection to the upstream ready (the usual
+    state of a busy proxy), a request pipelined behind a refused one must die
+    with the connection, not be sent upstream."""
+    assert_served(proxy, upstream, b"GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    second = b"GET /smuggled HTTP/1.1\r\nHost: x\r\nX-Smuggled: 1\r\n\r\n"
+    reply = assert_refused(proxy, upstream, first + second, 400, 501, 505)
+    assert b"x-recorded" not in reply
+
+
+# --------------------------------------------------------------------------- upstream side
+
+BAD_RESPONSES = {
+    "dupcl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "diffcl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "clte": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "tecl": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "signedcl": b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc",
+    "obsfold": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: a\r\n b\r\n\r\nabc",
+    "barelf": b"HTTP/1.1 200 OK\nContent-Length: 3\n\nabc",
+    "garbage": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+}
+# Broken after the head was relayed: the client can only be cut off.
+TRUNCATING_RESPONSES = {
+    "badchunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "cl-short": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100,
+    "chunked-cut": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "chunked-cut-in-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nhello",
+}
+CLOSE_DELIMITED = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 3000
+
+UPSTREAM_CONFIG = """
+listen: "127.0.0.1:${data_port}"
+control: {listen: "127.0.0.1:${control_port}"}
+services:
+"""
+UPSTREAM_SERVICE = """
+  - name: %(name)s
+    match: {path_prefix: /%(name)s}
+    versions: {only: {endpoints: ["127.0.0.1:%(port)d"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_upstreams_proxy(loops: LoopThread) -> Iterator[ProxyProcess]:
+    replies = {**BAD_RESPONSES, **TRUNCATING_RESPONSES, "closedelim": CLOSE_DELIMITED}
+    servers = {name: raw_server(loops, reply) for name, reply in replies.items()}
+    config = UPSTREAM_CONFIG + "".join(
+        UPSTREAM_SERVICE % {"name": name, "port": port} for name, (port, _) in servers.items()
+    )
+    try:
+        with ProxyProcess(config) as proc:
+            yield proc
+    finally:
+        for _, stop in servers.values():
+            stop()
+
+
+@pytest.mark.parametrize("name", BAD_RESPONSES)
+def test_invalid_upstream_response_is_502(bad_upstreams_proxy: ProxyProcess, name: str) -> None:
+    raw = b"GET /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode()
+    reply, closed = exchange(bad_upstreams_proxy.data_port, raw)
+    [response] = parse_responses(reply)
+    assert response.status == 502, reply
+    assert response.complete and closed
+    assert b"Traceback" not in reply
+    assert b"abc" not in response.body
+
+
+@pytest.mark.parametrize("name", TRUNCATING_RESPONSES)
+def test_upstream_dying_mid_body_leaves_the_client_truncated(
+    bad_upstreams_proxy: ProxyProcess, name: str
+) -> None:
+    raw = b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode()
+    reply, closed = exchange(bad_upstreams_proxy.data_port, raw)
+    [response] = parse_responses(reply)
+    assert response.status == 200, reply
+    assert closed, "the client cannot tell the body was cut"
+    assert not response.complete, f"a truncated body ended cleanly: {reply[-200:]!r}"
+
+
+def test_close_delimited_upstream_body_reaches_the_client_complete(
+    bad_upstreams_proxy: ProxyProcess,
+) -> None:
+    raw = b"GET /closedelim HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    reply, _ = exchange(bad_upstreams_proxy.data_port, raw)
+    [response] = parse_responses(reply)
+    assert response.status == 200 and response.complete, reply[:300]
+    assert response.body == b"y" * 3000
