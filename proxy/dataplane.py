@@ -42,10 +42,16 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Set by the proxy, so a client's own lines are dropped (X-Forwarded-For is extended).
-REPLACED_REQUEST_HEADERS = frozenset(
-    {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-)
+# Hop-by-hop, or set by the proxy (X-Forwarded-For is extended): a client's own lines are dropped.
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"content-length",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+CHECKED_REQUEST_HEADERS = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
+# Response headers the proxy reads or replaces rather than copies.
+CHECKED_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
 STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 PAUSE_BUFFER_BYTES = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per
@@ -553,24 +559,26 @@ class Exchange:
             name = raw_name.lower()
             text = raw_value.decode("latin-1")
             key = name.decode("latin-1")
-            if name == b"host":
-                if host is not None or "," in text:
-                    raise errors.BadRequest("more than one Host")
-                if VALID_HOST.fullmatch(text) is None:
-                    raise errors.BadRequest("invalid Host")
-                host = text
-            elif name == b"transfer-encoding":
-                self._check_transfer_encoding(raw_value, key in headers)
-            elif name == b"connection":
-                connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
-            elif name == b"expect" and raw_value.lower() == b"100-continue":
-                self.want_continue = True
+            if name in CHECKED_REQUEST_HEADERS:
+                if name == b"host":
+                    if host is not None or "," in text:
+                        raise errors.BadRequest("more than one Host")
+                    if VALID_HOST.fullmatch(text) is None:
+                        raise errors.BadRequest("invalid Host")
+                    host = text
+                elif name == b"transfer-encoding":
+                    self._check_transfer_encoding(raw_value, key in headers)
+                elif name == b"connection":
+                    connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
+                elif name == b"expect" and raw_value.lower() == b"100-continue":
+                    self.want_continue = True
             if key in headers:
                 headers[key] += ("; " if name == b"cookie" else ", ") + text
             else:
                 headers[key] = text
-            if name not in HOP_BY_HOP and name not in REPLACED_REQUEST_HEADERS:
+            if name not in NOT_FORWARDED:
                 forwarded.append(raw_name + b": " + raw_value + b"\r\n")
+        connection_tokens -= HOP_BY_HOP
         if connection_tokens:
             forwarded = [
                 line
@@ -832,14 +840,15 @@ class Exchange:
         connection_tokens: set[bytes] = set()
         for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length":
+            if lname not in CHECKED_RESPONSE_HEADERS:
+                lines.append(name + b": " + value + b"\r\n")
+            elif lname == b"content-length":
                 length = value
             elif lname == b"upgrade":
                 upgrade = value
             elif lname == b"connection":
                 connection_tokens.update(t.strip().lower() for t in value.split(b","))
-            elif lname not in HOP_BY_HOP:
-                lines.append(name + b": " + value + b"\r\n")
+        connection_tokens -= HOP_BY_HOP
         if connection_tokens:
             lines = [lines[0]] + [
                 ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in connection_tokens

@@ -36,6 +36,7 @@ Reader = Callable[["RequestView"], "str | None"]
 ValueTest = Callable[["str | None"], bool]
 Candidate = tuple[str, int, float]  # (version name, hash seed, 1 / weight)
 _Route = tuple[int, str, "ServiceRouter"]  # (service order, path prefix, router)
+HOST_CACHE_SIZE = 4096  # distinct Host values whose candidate routes are remembered
 
 _murmur3 = mmh3.hash  # (data, seed, signed) -> int
 _UNIT_32 = 2.0**-32  # maps a 32-bit hash h to u = (h + 0.5) * _UNIT_32, strictly inside (0, 1)
@@ -361,7 +362,7 @@ class Router:
     O(labels in the host + services sharing that host), not O(services).
     """
 
-    __slots__ = ("_any_host", "_by_name", "_exact", "_suffix", "services")
+    __slots__ = ("_any_host", "_by_host", "_by_name", "_exact", "_suffix", "services")
 
     def __init__(self, services: Sequence[Service]) -> None:
         self.services = tuple(ServiceRouter(service) for service in services)
@@ -382,20 +383,31 @@ class Router:
         self._exact = {host: tuple(routes) for host, routes in exact.items()}
         self._suffix = {host: tuple(routes) for host, routes in suffix.items()}
         self._any_host = tuple(any_host)
+        # Raw Host value -> the routes that can serve it, in config order.
+        self._by_host: dict[str, tuple[_Route, ...]] = {}
 
     def match(self, host: str, path: str) -> ServiceRouter | None:
         """The first service whose host and path prefix match, or None."""
-        host = normalize_host(host)
-        best = _first_route(self._exact.get(host, ()), path, None)
-        if self._suffix:
-            dot = host.find(".", 1)  # "*.example.com" needs a non-empty label before the dot
-            while dot != -1:
-                routes = self._suffix.get(host[dot:])
-                if routes:
-                    best = _first_route(routes, path, best)
-                dot = host.find(".", dot + 1)
-        best = _first_route(self._any_host, path, best)
-        return None if best is None else best[2]
+        routes = self._by_host.get(host)
+        if routes is None:
+            routes = self._routes_for(normalize_host(host))
+            if len(self._by_host) >= HOST_CACHE_SIZE:  # many distinct Hosts: start over
+                self._by_host.clear()
+            self._by_host[host] = routes
+        for _, prefix, router in routes:
+            if path.startswith(prefix):
+                return router
+        return None
+
+    def _routes_for(self, host: str) -> tuple[_Route, ...]:
+        routes = list(self._exact.get(host, ()))
+        dot = host.find(".", 1)  # "*.example.com" needs a non-empty label before the dot
+        while dot != -1 and self._suffix:
+            routes.extend(self._suffix.get(host[dot:], ()))
+            dot = host.find(".", dot + 1)
+        routes.extend(self._any_host)
+        routes.sort(key=lambda route: route[0])
+        return tuple(routes)
 
     def service(self, name: str) -> ServiceRouter:
         """The router of service ``name``; KeyError if unknown."""
@@ -403,16 +415,6 @@ class Router:
 
     def __repr__(self) -> str:
         return f"<Router services={[router.service.name for router in self.services]}>"
-
-
-def _first_route(routes: Sequence[_Route], path: str, best: _Route | None) -> _Route | None:
-    """The earliest of ``best`` and the first of ``routes`` (ordered) whose prefix matches."""
-    for route in routes:
-        if best is not None and route[0] >= best[0]:
-            return best
-        if path.startswith(route[1]):
-            return route
-    return best
 
 
 def normalize_host(host: str) -> str:
