@@ -19,13 +19,13 @@ test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(TEST_INSTALLED)
-	$(BIN)/ruff check proxy tests
-	$(BIN)/ruff format --check proxy tests
-	$(BIN)/mypy proxy
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy proxy bench
 
 format: $(TEST_INSTALLED)
-	$(BIN)/ruff check --fix proxy tests
-	$(BIN)/ruff format proxy tests
+	$(BIN)/ruff check --fix proxy tests bench
+	$(BIN)/ruff format proxy tests bench
 
 # A config may name its token by environment variable: a placeholder stands in if unset.
 check-config: $(INSTALLED)
@@ -36,7 +36,8 @@ check-config: $(INSTALLED)
 	done
 
 bench: $(INSTALLED)
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,14 +6,10 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# bench/ is run from the repository root (`python -m bench`), not installed like proxy/
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import cli, configs, load, procs, report
 from bench.configs import Shape, Upstreams
