@@ -68,21 +68,6 @@ services:
 """
 
 
-@pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    loops = LoopThread()
-    yield loops
-    loops.stop()
-
-
-@pytest.fixture(scope="module")
-def upstreams(loops: LoopThread) -> Iterator[dict[str, Upstream]]:
-    servers = {name: Upstream(loops, name).start() for name in ("stable", "canary")}
-    yield servers
-    for server in servers.values():
-        server.stop()
-
-
 def render(upstreams: dict[str, Upstream]) -> str:
     return CONFIG % {
         "stable": upstreams["stable"].address,

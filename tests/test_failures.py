@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
-from test_smuggling import RecordingUpstream, parse_responses
 
 from procs import ProxyProcess
+from recording import RecordingUpstream, parse_responses
 from servers import LoopThread, Upstream, decode_json, raw_server
 
 MAX_BODY = 100_000
@@ -147,13 +147,6 @@ class Servers:
     recorder: RecordingUpstream
     ws: dict[str, WebSocketUpstream]
     ports: dict[str, int]
-
-
-@pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    loops = LoopThread()
-    yield loops
-    loops.stop()
 
 
 @pytest.fixture(scope="module")

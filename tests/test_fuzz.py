@@ -23,10 +23,9 @@ import httptools
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from test_smuggling import Forwarded, RecordingUpstream, Response, parse_responses
 
 from procs import ProxyProcess
-from servers import LoopThread
+from recording import Forwarded, RecordingUpstream, Response, parse_responses
 
 CONFIG = """
 listen: "127.0.0.1:${data_port}"
@@ -37,20 +36,6 @@ services:
     versions: {stable: {endpoints: ["%s"]}}
 """
 HOST = b"fuzz.test"
-
-
-@pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    loops = LoopThread()
-    yield loops
-    loops.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream(loops: LoopThread) -> Iterator[RecordingUpstream]:
-    server = RecordingUpstream(loops).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -448,13 +448,6 @@ class Backend:
             self.in_flight -= 1
 
 
-@pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    loops = LoopThread()
-    yield loops
-    loops.stop()
-
-
 @pytest.fixture
 def backends(loops: LoopThread) -> Iterator[dict[str, Backend]]:
     servers = {name: Backend(loops, name).start() for name in ("a", "b", "c", "d")}

@@ -14,14 +14,13 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from procs import ProxyProcess
-from servers import LoopThread, Upstream, decode_json
+from servers import Upstream, decode_json
 
 SOAK_SECONDS = float(os.environ.get("GRAYPROXY_SOAK_SECONDS", "60"))
 WEIGHT_CHANGES = 20
@@ -42,21 +41,6 @@ services:
       hash_on: [{header: x-user-id}]
       salt: "%(salt)s"
 """
-
-
-@pytest.fixture(scope="module")
-def loops() -> Iterator[LoopThread]:
-    loops = LoopThread()
-    yield loops
-    loops.stop()
-
-
-@pytest.fixture(scope="module")
-def upstreams(loops: LoopThread) -> Iterator[dict[str, Upstream]]:
-    servers = {name: Upstream(loops, name).start() for name in ("stable", "canary")}
-    yield servers
-    for server in servers.values():
-        server.stop()
 
 
 def render(upstreams: dict[str, Upstream], workers: int, canary: int, salt: str) -> str:
