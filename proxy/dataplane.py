@@ -12,11 +12,9 @@ copied: Content-Length or chunked on each side as that side needs.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections import deque
-from http import HTTPStatus
 from typing import cast
 
 import httptools
@@ -24,35 +22,20 @@ import httptools
 from . import errors
 from .config import Address, Limits, Timeouts
 from .errors import ProxyError
+from .http1 import (
+    CHUNKED_END,
+    IDEMPOTENT_METHODS,
+    RequestHead,
+    origin_form,
+    response_lines,
+    status_line,
+    upstream_head,
+)
 from .metrics import Metrics, VersionStats
 from .routing import RequestView, Router
 from .state import LiveState, Snapshot
 from .upstreams import Balancer, EndpointPool, UpstreamConnection, UpstreamOverflow, Upstreams
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-# Hop-by-hop, or set by the proxy (X-Forwarded-For is extended): a client's own lines are dropped.
-NOT_FORWARDED = HOP_BY_HOP | {
-    b"content-length",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-}
-CHECKED_REQUEST_HEADERS = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
-# Response headers the proxy reads or replaces rather than copies.
-CHECKED_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
-STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 PAUSE_BUFFER_BYTES = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per
 # request: arming one is then a float assignment. They fire up to a tick late.
@@ -60,15 +43,6 @@ TICK = 0.1
 SWEEP_EVERY = 10  # ticks between two sweeps of idle upstream connections
 # Refusals after which nothing more is read from the connection.
 CLOSING_STATUSES = frozenset({400, 408, 413, 431, 501, 505})
-# RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
-VALID_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-CHUNKED_END = b"0\r\n\r\n"
-
-
-def status_line(status: int) -> bytes:
-    line = STATUS_LINES.get(status)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
 class VersionTarget:
@@ -193,7 +167,6 @@ class ClientConnection(asyncio.Protocol):
         "refused",
         "transport",
         "tunnel",
-        "write_paused",
     )
 
     def __init__(self, plane: DataPlane) -> None:
@@ -204,7 +177,6 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.tunnel: UpstreamConnection | None = None  # after a 101: bytes pass both ways
-        self.write_paused = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
@@ -277,12 +249,10 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         if self.current is not None:
             self.current.client_write_paused(True)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if self.current is not None:
             self.current.client_write_paused(False)
 
@@ -526,93 +496,26 @@ class Exchange:
         self.close_after = not parser.should_keep_alive()
         if method == b"CONNECT":
             raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
-
-        forwarded, headers, host = self._read_headers(raw_headers)
+        head = RequestHead(raw_headers, self.http10)
+        self._chunked_request = head.chunked
+        self.want_continue = head.want_continue
         if parser.should_upgrade():
-            self.upgrade = headers.get("upgrade", "").encode("latin-1")
-        target_url = self._origin_form(url, host, method)
-        path, _, query = target_url.partition(b"?")
+            self.upgrade = head.headers.get("upgrade", "").encode("latin-1")
+        target = origin_form(url, head.host, method)
+        path, _, query = target.partition(b"?")
         view = RequestView(
             method.decode("latin-1"),
             path.decode("latin-1"),
             query.decode("latin-1"),
-            headers,
+            head.headers,
             self.client.client_ip,
         )
-        self._route(host, view)
+        self._route(head.host, view)
         limit = self.client.plane.limits.max_body_bytes
-        length = headers.get("content-length")
+        length = head.headers.get("content-length")
         if limit and length is not None and int(length) > limit:
             raise errors.PayloadTooLarge(f"request body over {limit} bytes")
-        self.head = self._upstream_head(method, target_url, forwarded, headers, host)
-
-    def _read_headers(
-        self, raw_headers: list[tuple[bytes, bytes]]
-    ) -> tuple[list[bytes], dict[str, str], str]:
-        """Check the request's headers; returns the lines to forward, the
-        headers for routing (lower-case names) and the Host."""
-        forwarded: list[bytes] = []
-        headers: dict[str, str] = {}
-        connection_tokens: set[bytes] = set()
-        host: str | None = None
-        for raw_name, raw_value in raw_headers:
-            name = raw_name.lower()
-            text = raw_value.decode("latin-1")
-            key = name.decode("latin-1")
-            if name in CHECKED_REQUEST_HEADERS:
-                if name == b"host":
-                    if host is not None or "," in text:
-                        raise errors.BadRequest("more than one Host")
-                    if VALID_HOST.fullmatch(text) is None:
-                        raise errors.BadRequest("invalid Host")
-                    host = text
-                elif name == b"transfer-encoding":
-                    self._check_transfer_encoding(raw_value, key in headers)
-                elif name == b"connection":
-                    connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
-                elif name == b"expect" and raw_value.lower() == b"100-continue":
-                    self.want_continue = True
-            if key in headers:
-                headers[key] += ("; " if name == b"cookie" else ", ") + text
-            else:
-                headers[key] = text
-            if name not in NOT_FORWARDED:
-                forwarded.append(raw_name + b": " + raw_value + b"\r\n")
-        connection_tokens -= HOP_BY_HOP
-        if connection_tokens:
-            forwarded = [
-                line
-                for line in forwarded
-                if line.split(b":", 1)[0].lower() not in connection_tokens
-            ]
-        if host is None:
-            if not self.http10:
-                raise errors.BadRequest("missing Host header")
-            host = ""
-        return forwarded, headers, host
-
-    def _check_transfer_encoding(self, value: bytes, repeated: bool) -> None:
-        codings = [c.strip().lower() for c in value.split(b",")]
-        if repeated or b"" in codings:
-            raise errors.BadRequest("malformed Transfer-Encoding")
-        if codings != [b"chunked"]:
-            raise errors.UnsupportedTransferCoding("only the chunked transfer coding is supported")
-        self._chunked_request = True
-
-    @staticmethod
-    def _origin_form(url: bytes, host: str, method: bytes) -> bytes:
-        if url.startswith(b"/"):
-            return url
-        lowered = url[:8].lower()
-        if lowered.startswith((b"http://", b"https://")):
-            rest = url.split(b"://", 1)[1]
-            authority, slash, path = rest.partition(b"/")
-            if authority.decode("latin-1").lower() != host.lower():
-                raise errors.BadRequest("absolute-form target names another host")
-            return slash + path if slash else b"/"
-        if url == b"*" and method == b"OPTIONS":
-            return url
-        raise errors.BadRequest("invalid request target")
+        self.head = upstream_head(method, target, head, self.client.client_ip, self.upgrade)
 
     def _route(self, host: str, view: RequestView) -> None:
         table = self.client.plane.table
@@ -623,33 +526,6 @@ class Exchange:
         version, self.set_cookie = service_router.decide(view)
         self.service = service
         self.target = service.versions[version]
-
-    def _upstream_head(
-        self,
-        method: bytes,
-        target_url: bytes,
-        forwarded: list[bytes],
-        headers: dict[str, str],
-        host: str,
-    ) -> bytes:
-        ip = self.client.client_ip
-        xff = headers.get("x-forwarded-for")
-        lines = [
-            method + b" " + target_url + b" HTTP/1.1\r\n",
-            *forwarded,
-            b"x-forwarded-for: " + (f"{xff}, {ip}" if xff else ip).encode("latin-1") + b"\r\n",
-            b"x-forwarded-proto: http\r\n",
-        ]
-        if host:
-            lines.append(b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n")
-        if self.upgrade:
-            lines.append(b"connection: upgrade\r\nupgrade: " + self.upgrade + b"\r\n")
-        if self._chunked_request:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        elif "content-length" in headers:
-            lines.append(b"content-length: " + headers["content-length"].encode() + b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
 
     # -- running -----------------------------------------------------------
     def start(self) -> None:
@@ -834,25 +710,7 @@ class Exchange:
         self.response_started = True
         self.status = status
         self.upstream_closes = close
-        lines = [status_line(status)]
-        length: bytes | None = None
-        upgrade = b""
-        connection_tokens: set[bytes] = set()
-        for name, value in headers:
-            lname = name.lower()
-            if lname not in CHECKED_RESPONSE_HEADERS:
-                lines.append(name + b": " + value + b"\r\n")
-            elif lname == b"content-length":
-                length = value
-            elif lname == b"upgrade":
-                upgrade = value
-            elif lname == b"connection":
-                connection_tokens.update(t.strip().lower() for t in value.split(b","))
-        connection_tokens -= HOP_BY_HOP
-        if connection_tokens:
-            lines = [lines[0]] + [
-                ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in connection_tokens
-            ]
+        lines, length, upgrade = response_lines(status, headers)
         if status == 101 and self.upgrade:
             self._switch_protocols(lines, upgrade)
             return

@@ -1,0 +1,171 @@
+"""HTTP/1.1 head rules, without I/O: what is checked, dropped and rebuilt.
+
+llhttp (strict) has already refused malformed syntax; these are the checks it
+leaves to the application (RFC 9112 §6-7, the request-smuggling shapes), and
+the rewriting of heads between client and upstream. Errors carry the status
+they become.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from . import errors
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Hop-by-hop, or set by the proxy (X-Forwarded-For is extended): a client's own lines are dropped.
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"content-length",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+CHECKED_REQUEST_HEADERS = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
+# Response headers the proxy reads or replaces rather than copies.
+CHECKED_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+# RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
+VALID_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
+CHUNKED_END = b"0\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
+class RequestHead:
+    """A checked request head: what routing reads and what is forwarded."""
+
+    __slots__ = ("chunked", "forwarded", "headers", "host", "want_continue")
+
+    def __init__(self, raw_headers: list[tuple[bytes, bytes]], http10: bool) -> None:
+        self.forwarded: list[bytes] = []  # header lines to pass on, as received
+        self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
+        self.chunked = False
+        self.want_continue = False
+        host: str | None = None
+        connection_tokens: set[bytes] = set()
+        headers = self.headers
+        for raw_name, raw_value in raw_headers:
+            name = raw_name.lower()
+            text = raw_value.decode("latin-1")
+            key = name.decode("latin-1")
+            if name in CHECKED_REQUEST_HEADERS:
+                if name == b"host":
+                    host = check_host(text, host)
+                elif name == b"transfer-encoding":
+                    self.chunked = check_transfer_encoding(raw_value, key in headers)
+                elif name == b"connection":
+                    connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
+                elif raw_value.lower() == b"100-continue":
+                    self.want_continue = True
+            if key in headers:
+                headers[key] += ("; " if name == b"cookie" else ", ") + text
+            else:
+                headers[key] = text
+            if name not in NOT_FORWARDED:
+                self.forwarded.append(raw_name + b": " + raw_value + b"\r\n")
+        self.forwarded = without_listed(self.forwarded, connection_tokens)
+        if host is None and not http10:
+            raise errors.BadRequest("missing Host header")
+        self.host = host or ""
+
+
+def check_host(value: str, seen: str | None) -> str:
+    if seen is not None or "," in value:
+        raise errors.BadRequest("more than one Host")
+    if VALID_HOST.fullmatch(value) is None:
+        raise errors.BadRequest("invalid Host")
+    return value
+
+
+def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
+    """Only exactly `chunked` is accepted; True when it is."""
+    codings = [c.strip().lower() for c in value.split(b",")]
+    if repeated or b"" in codings:
+        raise errors.BadRequest("malformed Transfer-Encoding")
+    if codings != [b"chunked"]:
+        raise errors.UnsupportedTransferCoding("only the chunked transfer coding is supported")
+    return True
+
+
+def without_listed(lines: list[bytes], connection_tokens: set[bytes]) -> list[bytes]:
+    """Drop the header lines that `Connection` names as hop-by-hop."""
+    connection_tokens -= HOP_BY_HOP
+    if not connection_tokens:
+        return lines
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+
+
+def origin_form(url: bytes, host: str, method: bytes) -> bytes:
+    """The request target to forward; absolute-form only for the same host."""
+    if url.startswith(b"/"):
+        return url
+    if url[:8].lower().startswith((b"http://", b"https://")):
+        authority, slash, path = url.split(b"://", 1)[1].partition(b"/")
+        if authority.decode("latin-1").lower() != host.lower():
+            raise errors.BadRequest("absolute-form target names another host")
+        return slash + path if slash else b"/"
+    if url == b"*" and method == b"OPTIONS":
+        return url
+    raise errors.BadRequest("invalid request target")
+
+
+def upstream_head(
+    method: bytes, target: bytes, head: RequestHead, client_ip: str, upgrade: bytes | None
+) -> bytes:
+    """The request head sent upstream, framed for the body as received."""
+    xff = head.headers.get("x-forwarded-for")
+    lines = [
+        method + b" " + target + b" HTTP/1.1\r\n",
+        *head.forwarded,
+        b"x-forwarded-for: " + (f"{xff}, {client_ip}" if xff else client_ip).encode("latin-1"),
+        b"\r\nx-forwarded-proto: http\r\n",
+    ]
+    if head.host:
+        lines.append(b"x-forwarded-host: " + head.host.encode("latin-1") + b"\r\n")
+    if upgrade:
+        lines.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
+    if head.chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    elif "content-length" in head.headers:
+        lines.append(b"content-length: " + head.headers["content-length"].encode() + b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def response_lines(
+    status: int, headers: list[tuple[bytes, bytes]]
+) -> tuple[list[bytes], bytes | None, bytes]:
+    """The status line and the end-to-end header lines of an upstream
+    response, its Content-Length (None if absent) and its Upgrade."""
+    lines = [status_line(status)]
+    length: bytes | None = None
+    upgrade = b""
+    connection_tokens: set[bytes] = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in CHECKED_RESPONSE_HEADERS:
+            lines.append(name + b": " + value + b"\r\n")
+        elif lname == b"content-length":
+            length = value
+        elif lname == b"upgrade":
+            upgrade = value
+        elif lname == b"connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+    return without_listed(lines, connection_tokens), length, upgrade
