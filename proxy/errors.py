@@ -47,10 +47,6 @@ class NoHealthyEndpoint(ProxyError):
     status = 503
 
 
-class Draining(ProxyError):
-    status = 503
-
-
 # Upstream side.
 class UpstreamConnectError(ProxyError):
     status = 502
