@@ -1,0 +1,146 @@
+"""Instructions per request: a measure of the data path that noise cannot move.
+
+Wall-clock and CPU-time figures swing by 2x on shared machines; the number of
+instructions the proxy executes does not. This runs grayproxy (from the source
+tree given, so two commits can be compared) under `valgrind --tool=callgrind`
+twice, once with a few requests and once with many more, and reports the
+difference divided by the extra requests: the startup cost cancels out.
+
+    python -m bench.instructions                       # this tree
+    python -m bench.instructions --source /tmp/base    # another checkout, e.g. the previous commit
+
+Counts are user-space instructions of the proxy process (the kernel's share of
+the socket calls is not in them). Same binary, same inputs: the same count,
+within a few hundred instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.procs import free_ports, is_listening
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = """
+listen: "127.0.0.1:{data}"
+control: {{listen: "127.0.0.1:{control}"}}
+services:
+  - name: web
+    versions:
+      stable: {{endpoints: ["127.0.0.1:{upstream}"]}}
+      canary: {{endpoints: ["127.0.0.1:{upstream}"]}}
+    split:
+      weights: {{stable: 90, canary: 10}}
+      hash_on: [{{header: x-user-id}}]
+    rules:
+      - match: {{header: {{name: x-canary, value: always}}}}
+        version: canary
+"""
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
+    parser.add_argument("--source", type=Path, default=ROOT, help="source tree to run (.)")
+    parser.add_argument("--requests", type=int, default=2000, help="extra requests (2000)")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
+        return 1
+    upstream_port = start_upstream()
+    few = instructions(args.source, upstream_port, 200)
+    many = instructions(args.source, upstream_port, 200 + args.requests)
+    per_request = (many - few) / args.requests
+    print(f"{args.source}: {per_request:,.0f} instructions per request")
+    return 0
+
+
+def start_upstream() -> int:
+    """A minimal keep-alive HTTP/1.1 server in a thread: one fixed answer per request."""
+    (port,) = free_ports(1)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(RESPONSE)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        await server.serve_forever()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+    while not is_listening(port):
+        time.sleep(0.05)
+    return port
+
+
+def instructions(source: Path, upstream_port: int, requests: int) -> int:
+    """Total instructions of one proxy run that served `requests` requests."""
+    data, control = free_ports(2)
+    with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
+        config = Path(tmp) / "grayproxy.yaml"
+        config.write_text(CONFIG.format(data=data, control=control, upstream=upstream_port))
+        out = Path(tmp) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "-c",
+            str(config),
+            "--log-level",
+            "warning",
+        ]
+        proxy = subprocess.Popen(
+            command, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while not is_listening(data):
+                if time.monotonic() > deadline or proxy.poll() is not None:
+                    raise RuntimeError("grayproxy did not start under valgrind")
+                time.sleep(0.2)
+            send_requests(data, requests)
+        finally:
+            proxy.terminate()
+            proxy.wait(120)
+        return read_total(out.read_text(errors="replace"))
+
+
+def send_requests(port: int, count: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for user in range(count):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: %d\r\n\r\n" % user)
+            received = b""
+            while not received.endswith(b"hello\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the proxy closed the connection")
+                received += chunk
+
+
+def read_total(callgrind_out: str) -> int:
+    """The `summary:` (or `totals:`) line of a callgrind output file."""
+    found = re.search(r"^(?:summary|totals):\s+(\d+)", callgrind_out, re.MULTILINE)
+    if found is None:
+        raise ValueError("no summary line in the callgrind output")
+    return int(found.group(1))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
