@@ -8,7 +8,9 @@ and N worker processes serve data on the shared port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -32,8 +34,18 @@ def run(
     setup: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    raise_file_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config, config_path, setup))
+
+
+def raise_file_limit() -> None:
+    """Each client connection holds two descriptors (client and upstream):
+    lift the soft limit to the hard one, as nginx's worker_rlimit_nofile does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(
