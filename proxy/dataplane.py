@@ -126,6 +126,8 @@ class DataPlane:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
+        self.limits = snapshot.config.limits  # a reload may change them
+        self.idle_timeout = snapshot.config.timeouts.idle
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)

@@ -519,3 +519,23 @@ services:
 
 async def _close(server: asyncio.Server) -> None:
     server.close()
+
+
+def test_a_reload_applies_new_limits(upstreams: dict[str, Upstream]) -> None:
+    config = render(upstreams)
+    with ProxyProcess(config) as proc:
+        assert request(proc, "POST", "/echo", {"x-canary": "never"}, b"x" * 100)[0] == 200
+        proc.write_config(config.replace("services:", "limits: {max_body_bytes: 10}\nservices:", 1))
+        assert http_post(proc.control_url + "/api/v1/reload") == 200
+        assert request(proc, "POST", "/echo", {"x-canary": "never"}, b"x" * 100)[0] == 413
+
+
+def http_post(url: str) -> int:
+    conn = http.client.HTTPConnection(url.split("/")[2], timeout=10)
+    try:
+        conn.request("POST", "/" + url.split("/", 3)[3])
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
