@@ -73,10 +73,11 @@ async def serve_alone(config: Config, config_path: str | None) -> int:
     )
     log.info("data on http://%s, control on %s", listen_text(data_server), control_url(runner))
     await until_stopped(state)
-    log.info("draining (up to %gs)", config.drain_timeout)
+    drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
+    log.info("draining (up to %gs)", drain_timeout)
     data_server.close()
     plane.start_draining()
-    await plane.wait_drained(config.drain_timeout)
+    await plane.wait_drained(drain_timeout)
     await runner.cleanup()
     log.info("stopped")
     return 0
@@ -107,8 +108,9 @@ async def serve_supervised(config: Config, config_path: str | None) -> int:
         control_url(runner),
     )
     await until_stopped(state)
-    log.info("draining (up to %gs)", config.drain_timeout)
-    await supervisor.stop(config.drain_timeout)
+    drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
+    log.info("draining (up to %gs)", drain_timeout)
+    await supervisor.stop(drain_timeout)
     await runner.cleanup()
     if port_holder is not None:
         port_holder.close()

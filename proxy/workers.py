@@ -233,7 +233,7 @@ async def serve_worker(fd: int) -> int:
     await stop.wait()
     server.close()
     plane.start_draining()
-    await plane.wait_drained(config.drain_timeout)
+    await plane.wait_drained(state.snapshot.config.drain_timeout)
     follow.cancel()
     return 0
 
