@@ -864,7 +864,8 @@ class Exchange:
             return
         self.observed = True
         if self.target is not None:
-            self.target.stats.observe(status, time.monotonic() - self.started_at)
+            now = time.monotonic()
+            self.target.stats.observe(status, now - self.started_at, now)
         if self.pool is not None:
             self.pool.end(status)
             self.pool = None

@@ -99,13 +99,17 @@ class VersionStats:
             f"{window['requests']} requests, {window['errors']} errors]>"
         )
 
-    def observe(self, status: int, seconds: float) -> None:
-        """Count one finished request: the status the client got and its duration."""
+    def observe(self, status: int, seconds: float, now: float | None = None) -> None:
+        """Count one finished request: the status the client got and its
+        duration; `now` is the clock's reading if the caller has it already."""
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.duration_sum += seconds
-        slot = self._current_slot()
+        second = int(self._clock() if now is None else now)
+        slot = second % WINDOW_SECONDS
+        if self._slot_second[slot] != second:
+            self._start_slot(slot, second)
         self._slot_requests[slot] += 1
         if status >= 500:
             self._slot_errors[slot] += 1
@@ -188,15 +192,12 @@ class VersionStats:
             self._slot_errors[slot] += errors[slot]
             self._slot_latency[slot] = list(map(add, self._slot_latency[slot], latencies[slot]))
 
-    def _current_slot(self) -> int:
-        second = int(self._clock())
-        slot = second % WINDOW_SECONDS
-        if self._slot_second[slot] != second:
-            self._slot_second[slot] = second
-            self._slot_requests[slot] = 0
-            self._slot_errors[slot] = 0
-            self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
-        return slot
+    def _start_slot(self, slot: int, second: int) -> None:
+        """The ring moved on: `slot` now counts `second`."""
+        self._slot_second[slot] = second
+        self._slot_requests[slot] = 0
+        self._slot_errors[slot] = 0
+        self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
 
 
 def _quantile_ms(cumulative: list[int], q: float) -> float:
