@@ -16,11 +16,12 @@ responses no HTTP framework would produce.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -43,13 +44,12 @@ class LoopThread:
         self.loop.close()
 
 
-class Upstream:
-    """An aiohttp server that names itself in every answer and records requests."""
+class AppServer:
+    """An aiohttp app on 127.0.0.1, any port, answering every path with `_handle`."""
 
     def __init__(self, loops: LoopThread, name: str) -> None:
         self.loops = loops
         self.name = name
-        self.received: list[dict[str, Any]] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -57,7 +57,7 @@ class Upstream:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> Upstream:
+    def start(self) -> Self:
         self.loops.call(self._start())
         return self
 
@@ -74,6 +74,17 @@ class Upstream:
         await site.start()
         assert site._server is not None
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class Upstream(AppServer):
+    """An aiohttp server that names itself in every answer and records requests."""
+
+    def __init__(self, loops: LoopThread, name: str) -> None:
+        super().__init__(loops, name)
+        self.received: list[dict[str, Any]] = []
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         size = 0
@@ -135,20 +146,22 @@ def _command(path: str) -> tuple[str, str, str]:
 
 
 def raw_server(
-    loops: LoopThread, reply: bytes, close: bool = True
+    loops: LoopThread, reply: bytes, hold: bool = False
 ) -> tuple[int, Callable[[], None]]:
-    """A TCP server that reads a request head and writes `reply` verbatim."""
+    """A TCP server that reads a request head and writes `reply` verbatim,
+    then closes, or with `hold` keeps the connection open until the peer closes."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(reply)
             await writer.drain()
+            while hold and await reader.read(65536):
+                pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            if close:
-                writer.close()
+            writer.close()
 
     async def start() -> asyncio.Server:
         return await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -158,6 +171,8 @@ def raw_server(
     def stop() -> None:
         async def close() -> None:
             server.close()
+            with contextlib.suppress(AttributeError):  # 3.12+: drop held connections
+                server.close_clients()  # type: ignore[attr-defined]
 
         loops.call(close())
 

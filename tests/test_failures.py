@@ -6,13 +6,12 @@ while 300 MB stream each way."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -63,38 +62,6 @@ services:
 
 
 # --------------------------------------------------------------------------- upstreams
-
-
-def holding_server(loops: LoopThread, reply: bytes) -> tuple[int, Callable[[], None]]:
-    """A TCP server that reads a request head, writes `reply` (maybe nothing),
-    then holds the connection open until the peer closes it."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(reply)
-            await writer.drain()
-            while await reader.read(65536):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def start() -> asyncio.Server:
-        return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-    server: asyncio.Server = loops.call(start())
-
-    def stop() -> None:
-        async def close() -> None:
-            server.close()
-            with contextlib.suppress(AttributeError):  # 3.12+: drop held connections
-                server.close_clients()  # type: ignore[attr-defined]
-
-        loops.call(close())
-
-    return server.sockets[0].getsockname()[1], stop
 
 
 class WebSocketUpstream:
@@ -160,7 +127,7 @@ def servers(loops: LoopThread) -> Iterator[Servers]:
         b"WWW-Authenticate: Basic\r\n\r\nauth",
     }
     for name, reply in replies.items():
-        ports[name], stop = holding_server(loops, reply)
+        ports[name], stop = raw_server(loops, reply, hold=True)
         stops.append(stop)
     ports["refuse413"], stop = raw_server(
         loops,

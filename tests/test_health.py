@@ -37,7 +37,7 @@ from proxy.state import LiveState
 from proxy.upstreams import Balancer, EndpointPool, UpstreamOverflow, Upstreams
 
 from procs import ProxyProcess, free_port, http_get
-from servers import LoopThread, decode_json
+from servers import AppServer, LoopThread, decode_json
 
 T = TypeVar("T")
 
@@ -398,42 +398,17 @@ def test_the_endpoint_gauge() -> None:
 # ---------------------------------------------------------------------------- real processes
 
 
-class Backend:
+class Backend(AppServer):
     """An upstream whose answers the test changes while it runs: the status of
     its health path and of every other path, a delay, and counts of what it served."""
 
     def __init__(self, loops: LoopThread, name: str) -> None:
-        self.loops = loops
-        self.name = name
+        super().__init__(loops, name)
         self.health = 200
         self.status = 200
         self.delay = 0.0
         self.in_flight = 0
         self.served = 0
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Backend:
-        self.loops.call(self._start())
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self.loops.call(self._runner.cleanup())
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        assert site._server is not None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, request: web.Request) -> web.Response:
         if request.path == "/healthz":
