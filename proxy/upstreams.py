@@ -558,19 +558,6 @@ class Upstreams:
     def balancer(self, service: str, version: str) -> Balancer:
         return self._balancers[(service, version)]
 
-    def addresses(self) -> list[Address]:
-        pools = (pool for balancer in self._balancers.values() for pool in balancer.pools)
-        return list(dict.fromkeys(pool.address for pool in pools))
-
-    def is_healthy(self, address: Address) -> bool:
-        """False while the address is out of rotation in any version that lists it."""
-        return all(
-            pool.healthy
-            for balancer in self._balancers.values()
-            for pool in balancer.pools
-            if pool.address == address
-        )
-
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         balancer = self._balancers.get((service, version))
         pools = balancer.pools if balancer is not None else ()
