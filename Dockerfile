@@ -10,6 +10,19 @@
 # loopback unless a token is configured (control.listen: "0.0.0.0:9901" plus
 # token_env: GRAYPROXY_TOKEN and -e GRAYPROXY_TOKEN=...); grayproxy refuses to start with a
 # non-loopback control address and no token.
+#
+# The wheel is built in the full image, which has a C compiler: the data path is compiled
+# (mypyc, see setup.py). The runtime image gets the wheel and nothing of the build.
+FROM python:3.12 AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,11 +30,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install --no-cache-dir . \
-    && rm -rf /src \
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl \
+    && rm -rf /wheels \
     && groupadd --system --gid 10001 grayproxy \
     && useradd --system --uid 10001 --gid grayproxy --no-create-home \
         --shell /usr/sbin/nologin grayproxy \

@@ -4,18 +4,20 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Stamps: reinstall only when pyproject.toml changes.
+# Stamps: reinstall only when the build files change, recompile when the package does.
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
+BENCH_INSTALLED := $(VENV)/.installed-bench
+COMPILED := $(VENV)/.compiled
 CONFIGS ?= $(wildcard config/*.yaml)
 PYTEST_ARGS ?=
 
 .PHONY: run test lint format check-config bench clean
 
-run: $(INSTALLED)
+run: $(COMPILED)
 	$(BIN)/grayproxy demo
 
-test: lint
+test: lint $(COMPILED)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(TEST_INSTALLED)
@@ -28,19 +30,19 @@ format: $(TEST_INSTALLED)
 	$(BIN)/ruff format proxy tests bench
 
 # A config may name its token by environment variable: a placeholder stands in if unset.
-check-config: $(INSTALLED)
+check-config: $(COMPILED)
 	@test -n "$(CONFIGS)" || { echo "no config/*.yaml to check"; exit 1; }
 	@for config in $(CONFIGS); do \
 		GRAYPROXY_TOKEN="$${GRAYPROXY_TOKEN:-placeholder}" $(BIN)/grayproxy check -c "$$config" \
 			|| exit 2; \
 	done
 
-bench: $(INSTALLED)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+bench: $(BENCH_INSTALLED) $(COMPILED)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -f proxy/*.so *__mypyc*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 $(BIN)/python:
@@ -48,10 +50,22 @@ $(BIN)/python:
 		echo "could not create $(VENV): Debian/Ubuntu need 'apt install python3-venv'"; \
 		rm -rf $(VENV); exit 1; }
 
-$(INSTALLED): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+# Dependencies and the `grayproxy` command, interpreted (no compiler needed)...
+$(INSTALLED): pyproject.toml setup.py | $(BIN)/python
+	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-$(TEST_INSTALLED): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+$(TEST_INSTALLED): pyproject.toml setup.py | $(BIN)/python
+	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@ $(INSTALLED)
+
+$(BENCH_INSTALLED): pyproject.toml setup.py | $(BIN)/python
+	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $@ $(INSTALLED)
+
+# ...then the data path compiled in place (mypyc, see setup.py: proxy/*.so), again whenever
+# a module of the package changes. With GRAYPROXY_PURE=1 it stays interpreted.
+$(COMPILED): $(INSTALLED) $(wildcard proxy/*.py)
+	rm -f proxy/*.so *__mypyc*.so
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@

@@ -21,7 +21,7 @@ import httptools
 
 from . import errors
 from .config import Address, Limits, Timeouts
-from .errors import ProxyError
+from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
     CHUNKED_END,
     IDEMPOTENT_METHODS,
@@ -34,7 +34,7 @@ from .http1 import (
 from .metrics import Metrics, VersionStats
 from .routing import RequestView, Router
 from .state import LiveState, Snapshot
-from .upstreams import Balancer, EndpointPool, UpstreamConnection, UpstreamOverflow, Upstreams
+from .upstreams import Balancer, EndpointPool, UpstreamConnection, Upstreams
 
 PAUSE_BUFFER_BYTES = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per

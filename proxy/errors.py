@@ -75,6 +75,13 @@ class BadUpstreamResponse(ProxyError):
     kind = "reset"
 
 
+class UpstreamOverflow(ProxyError):
+    """Every endpoint left to try is at max_connections_per_endpoint."""
+
+    status = 503
+    kind = "overflow"
+
+
 REASONS = {
     400: "Bad Request",
     404: "Not Found",

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from aiohttp import web
 
-from . import control
+from . import control, dataplane
 from .config import Config, ConfigError
 from .dataplane import DataPlane
 from .metrics import Metrics
@@ -71,7 +71,12 @@ async def serve_alone(config: Config, config_path: str | None) -> int:
     runner = await start_control(
         state, plane.metrics, plane.endpoint_healthy, lambda: not plane.draining
     )
-    log.info("data on http://%s, control on %s", listen_text(data_server), control_url(runner))
+    log.info(
+        "data on http://%s, control on %s, data path %s",
+        listen_text(data_server),
+        control_url(runner),
+        data_path_build(),
+    )
     await until_stopped(state)
     drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
     log.info("draining (up to %gs)", drain_timeout)
@@ -102,10 +107,11 @@ async def serve_supervised(config: Config, config_path: str | None) -> int:
         refresh=supervisor.refresh,
     )
     log.info(
-        "data on http://%s (%d workers), control on %s",
+        "data on http://%s (%d workers), control on %s, data path %s",
         config.listen,
         config.workers,
         control_url(runner),
+        data_path_build(),
     )
     await until_stopped(state)
     drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
@@ -156,6 +162,11 @@ def reload_from_signal(state: LiveState) -> None:
         log.error("reload refused, running config kept:\n  %s", "\n  ".join(exc.errors))
     else:
         log.info("reloaded: generation %d", snapshot.generation)
+
+
+def data_path_build() -> str:
+    """ "compiled" when the data path runs as C extensions (mypyc, see setup.py)."""
+    return "interpreted" if dataplane.__file__.endswith(".py") else "compiled"
 
 
 def listen_text(server: asyncio.Server) -> str:

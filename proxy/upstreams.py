@@ -30,6 +30,7 @@ from .errors import (
     ProxyError,
     UpstreamConnectError,
     UpstreamConnectTimeout,
+    UpstreamOverflow,
     UpstreamReset,
 )
 from .health import Checked, HealthChecker
@@ -221,13 +222,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.sink is not None:
             self.sink.response_complete()
-
-
-class UpstreamOverflow(ProxyError):
-    """Every endpoint left to try is at max_connections_per_endpoint."""
-
-    status = 503
-    kind = "overflow"
 
 
 class EndpointPool:

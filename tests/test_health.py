@@ -31,10 +31,11 @@ from proxy.config import (
     Split,
     Version,
 )
+from proxy.errors import UpstreamOverflow
 from proxy.health import HealthChecker, check_request, probe, status_passes
 from proxy.metrics import Metrics
 from proxy.state import LiveState
-from proxy.upstreams import Balancer, EndpointPool, UpstreamOverflow, Upstreams
+from proxy.upstreams import Balancer, EndpointPool, Upstreams
 
 from procs import ProxyProcess, free_port, http_get
 from servers import AppServer, LoopThread, decode_json
