@@ -48,49 +48,92 @@ def status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
+class HeaderName:
+    """What the head rules need of a header name, computed once per name as received."""
+
+    __slots__ = ("forwarded", "key", "lower", "request_checked", "response_checked")
+
+    def __init__(self, raw: bytes) -> None:
+        self.lower = raw.lower()
+        self.key = self.lower.decode("latin-1")  # the name routing and `headers` use
+        self.request_checked = self.lower in CHECKED_REQUEST_HEADERS
+        self.forwarded = self.lower not in NOT_FORWARDED
+        self.response_checked = self.lower in CHECKED_RESPONSE_HEADERS
+
+
+# Clients and upstreams send the same few names on every message. Bounded: a
+# peer sending ever-new names only makes it start over.
+_NAMES: dict[bytes, HeaderName] = {}
+MAX_CACHED_NAMES = 1024
+
+
+def header_name(raw: bytes) -> HeaderName:
+    name = _NAMES.get(raw)
+    if name is None:
+        if len(_NAMES) >= MAX_CACHED_NAMES:
+            _NAMES.clear()
+        name = _NAMES[raw] = HeaderName(raw)
+    return name
+
+
+Header = tuple[bytes, bytes]
+
+
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
     __slots__ = ("chunked", "forwarded", "headers", "host", "want_continue")
 
-    def __init__(self, raw_headers: list[tuple[bytes, bytes]], http10: bool) -> None:
-        self.forwarded: list[bytes] = []  # header lines to pass on, as received
+    def __init__(self, raw_headers: list[Header], http10: bool) -> None:
+        self.forwarded: list[Header] = []  # the header lines to pass on, as received
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
         self.chunked = False
         self.want_continue = False
         host: str | None = None
-        connection_tokens: set[bytes] = set()
+        connection_tokens: set[bytes] | None = None
         headers = self.headers
-        for raw_name, raw_value in raw_headers:
-            name = raw_name.lower()
+        for header in raw_headers:
+            raw_value = header[1]
+            name = header_name(header[0])
             text = raw_value.decode("latin-1")
-            key = name.decode("latin-1")
-            if name in CHECKED_REQUEST_HEADERS:
-                if name == b"host":
+            key = name.key
+            if name.request_checked:
+                if key == "host":
                     host = check_host(text, host)
-                elif name == b"transfer-encoding":
+                elif key == "transfer-encoding":
                     self.chunked = check_transfer_encoding(raw_value, key in headers)
-                elif name == b"connection":
+                elif key == "connection":
+                    connection_tokens = connection_tokens or set()
                     connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
                 elif raw_value.lower() == b"100-continue":
                     self.want_continue = True
             if key in headers:
-                headers[key] += ("; " if name == b"cookie" else ", ") + text
+                headers[key] += ("; " if key == "cookie" else ", ") + text
             else:
                 headers[key] = text
-            if name not in NOT_FORWARDED:
-                self.forwarded.append(raw_name + b": " + raw_value + b"\r\n")
-        self.forwarded = without_listed(self.forwarded, connection_tokens)
+            if name.forwarded:
+                self.forwarded.append(header)
+        if connection_tokens:
+            self.forwarded = without_listed(self.forwarded, connection_tokens)
         if host is None and not http10:
             raise errors.BadRequest("missing Host header")
         self.host = host or ""
 
 
+# Hosts already found valid: the same few arrive on every request. Bounded like _NAMES.
+_VALID_HOSTS: set[str] = set()
+
+
 def check_host(value: str, seen: str | None) -> str:
     if seen is not None or "," in value:
         raise errors.BadRequest("more than one Host")
+    if value in _VALID_HOSTS:
+        return value
     if VALID_HOST.fullmatch(value) is None:
         raise errors.BadRequest("invalid Host")
+    if len(_VALID_HOSTS) >= MAX_CACHED_NAMES:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(value)
     return value
 
 
@@ -104,12 +147,12 @@ def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
     return True
 
 
-def without_listed(lines: list[bytes], connection_tokens: set[bytes]) -> list[bytes]:
-    """Drop the header lines that `Connection` names as hop-by-hop."""
+def without_listed(headers: list[Header], connection_tokens: set[bytes]) -> list[Header]:
+    """Drop the headers that `Connection` names as hop-by-hop."""
     connection_tokens -= HOP_BY_HOP
     if not connection_tokens:
-        return lines
-    return [line for line in lines if line.split(b":", 1)[0].lower() not in connection_tokens]
+        return headers
+    return [h for h in headers if header_name(h[0]).lower not in connection_tokens]
 
 
 def origin_form(url: bytes, host: str, method: bytes) -> bytes:
@@ -131,41 +174,52 @@ def upstream_head(
 ) -> bytes:
     """The request head sent upstream, framed for the body as received."""
     xff = head.headers.get("x-forwarded-for")
-    lines = [
-        method + b" " + target + b" HTTP/1.1\r\n",
-        *head.forwarded,
-        b"x-forwarded-for: " + (f"{xff}, {client_ip}" if xff else client_ip).encode("latin-1"),
-        b"\r\nx-forwarded-proto: http\r\n",
-    ]
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    append_lines(parts, head.forwarded)
+    parts.append(b"x-forwarded-for: ")
+    parts.append((f"{xff}, {client_ip}" if xff else client_ip).encode("latin-1"))
+    parts.append(b"\r\nx-forwarded-proto: http\r\n")
     if head.host:
-        lines.append(b"x-forwarded-host: " + head.host.encode("latin-1") + b"\r\n")
+        parts.append(b"x-forwarded-host: " + head.host.encode("latin-1") + b"\r\n")
     if upgrade:
-        lines.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
+        parts.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
     if head.chunked:
-        lines.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"transfer-encoding: chunked\r\n")
     elif "content-length" in head.headers:
-        lines.append(b"content-length: " + head.headers["content-length"].encode() + b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        parts.append(b"content-length: " + head.headers["content-length"].encode() + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
-def response_lines(
-    status: int, headers: list[tuple[bytes, bytes]]
-) -> tuple[list[bytes], bytes | None, bytes]:
-    """The status line and the end-to-end header lines of an upstream
-    response, its Content-Length (None if absent) and its Upgrade."""
-    lines = [status_line(status)]
+def append_lines(parts: list[bytes], headers: list[Header]) -> None:
+    """Header lines as pieces of one b"".join: no bytes built per line."""
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+
+
+def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], bytes | None, bytes]:
+    """The status line and the end-to-end header lines of an upstream response,
+    as pieces to join, its Content-Length (None if absent) and its Upgrade."""
+    kept: list[Header] = []
     length: bytes | None = None
     upgrade = b""
-    connection_tokens: set[bytes] = set()
-    for name, value in headers:
-        lname = name.lower()
-        if lname not in CHECKED_RESPONSE_HEADERS:
-            lines.append(name + b": " + value + b"\r\n")
-        elif lname == b"content-length":
-            length = value
-        elif lname == b"upgrade":
-            upgrade = value
-        elif lname == b"connection":
-            connection_tokens.update(t.strip().lower() for t in value.split(b","))
-    return without_listed(lines, connection_tokens), length, upgrade
+    connection_tokens: set[bytes] | None = None
+    for header in headers:
+        name = header_name(header[0])
+        if not name.response_checked:
+            kept.append(header)
+        elif name.key == "content-length":
+            length = header[1]
+        elif name.key == "upgrade":
+            upgrade = header[1]
+        elif name.key == "connection":
+            connection_tokens = connection_tokens or set()
+            connection_tokens.update(t.strip().lower() for t in header[1].split(b","))
+    if connection_tokens:
+        kept = without_listed(kept, connection_tokens)
+    parts = [status_line(status)]
+    append_lines(parts, kept)
+    return parts, length, upgrade

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import random
+from bisect import bisect_left
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address, Config, Service, Split, Version
-from proxy.metrics import WINDOW_BOUNDS, Metrics, VersionStats
+from proxy.metrics import WINDOW_BOUNDS, Metrics, VersionStats, window_bucket
 from proxy.routing import Router
 from proxy.state import Snapshot
 
@@ -221,3 +225,11 @@ def test_repr_shows_live_counts() -> None:
     stats = VersionStats()
     stats.observe(502, 0.01)
     assert repr(stats) == "<VersionStats [total: 1 | last minute: 1 requests, 1 errors]>"
+
+
+def test_window_bucket_is_the_bisection_of_the_bounds() -> None:
+    edges = [b for bound in WINDOW_BOUNDS for b in (bound, math.nextafter(bound, 0), bound * 1.01)]
+    values = [0.0, 1e-9, 30.0, 59.99, 60.0, 61.0, 3600.0, *edges]
+    values += [random.Random(seed).uniform(0, 70) for seed in range(2000)]
+    for seconds in values:
+        assert window_bucket(seconds) == bisect_left(WINDOW_BOUNDS, seconds), seconds
