@@ -15,7 +15,7 @@ import asyncio
 import socket
 import time
 from collections import deque
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -36,13 +36,13 @@ from .routing import RequestView, Router
 from .state import LiveState, Snapshot
 from .upstreams import Balancer, EndpointPool, UpstreamConnection, Upstreams
 
-PAUSE_BUFFER_BYTES = 256 * 1024
+PAUSE_BUFFER_BYTES: Final = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per
 # request: arming one is then a float assignment. They fire up to a tick late.
-TICK = 0.1
-SWEEP_EVERY = 10  # ticks between two sweeps of idle upstream connections
+TICK: Final = 0.1
+SWEEP_EVERY: Final = 10  # ticks between two sweeps of idle upstream connections
 # Refusals after which nothing more is read from the connection.
-CLOSING_STATUSES = frozenset({400, 408, 413, 431, 501, 505})
+CLOSING_STATUSES: Final = frozenset({400, 408, 413, 431, 501, 505})
 
 
 class VersionTarget:

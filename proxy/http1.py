@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
+from typing import Final
 
 from . import errors
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -27,20 +28,24 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Hop-by-hop, or set by the proxy (X-Forwarded-For is extended): a client's own lines are dropped.
-NOT_FORWARDED = HOP_BY_HOP | {
+NOT_FORWARDED: Final = HOP_BY_HOP | {
     b"content-length",
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
-CHECKED_REQUEST_HEADERS = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
+CHECKED_REQUEST_HEADERS: Final = frozenset(
+    {b"host", b"transfer-encoding", b"connection", b"expect"}
+)
 # Response headers the proxy reads or replaces rather than copies.
-CHECKED_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
 # RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
-VALID_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-STATUS_LINES = {int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
-CHUNKED_END = b"0\r\n\r\n"
+VALID_HOST: Final = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+STATUS_LINES: Final = {
+    int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
+}
+CHUNKED_END: Final = b"0\r\n\r\n"
 
 
 def status_line(status: int) -> bytes:
@@ -63,8 +68,8 @@ class HeaderName:
 
 # Clients and upstreams send the same few names on every message. Bounded: a
 # peer sending ever-new names only makes it start over.
-_NAMES: dict[bytes, HeaderName] = {}
-MAX_CACHED_NAMES = 1024
+_NAMES: Final[dict[bytes, HeaderName]] = {}
+MAX_CACHED_NAMES: Final = 1024
 
 
 def header_name(raw: bytes) -> HeaderName:
@@ -121,7 +126,7 @@ class RequestHead:
 
 
 # Hosts already found valid: the same few arrive on every request. Bounded like _NAMES.
-_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS: Final[set[str]] = set()
 
 
 def check_host(value: str, seen: str | None) -> str:

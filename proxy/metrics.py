@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from operator import add
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -42,16 +42,16 @@ StatsDump = tuple[Any, ...]
 
 # Bucket upper bounds (seconds) of grayproxy_request_duration_seconds: the
 # prometheus_client defaults plus 1 ms and 2.5 ms for fast upstreams.
-DURATION_BUCKETS: tuple[float, ...] = (
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset")
-WINDOW_SECONDS = 60
+UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+WINDOW_SECONDS: Final = 60
 
 
-_WINDOW_LOW = 0.00005
-_WINDOW_STEP = 1.05
+_WINDOW_LOW: Final = 0.00005
+_WINDOW_STEP: Final = 1.05
 
 
 def _log_spaced(low: float, high: float, step: float) -> tuple[float, ...]:
@@ -63,9 +63,9 @@ def _log_spaced(low: float, high: float, step: float) -> tuple[float, ...]:
 
 # Upper bounds (seconds) of the window's latency buckets: 5 % steps from
 # 0.05 ms to 60 s, so a reported p50/p99 is at most 5 % above the true value.
-WINDOW_BOUNDS = _log_spaced(_WINDOW_LOW, 60.0, _WINDOW_STEP)
-_WINDOW_BUCKETS = len(WINDOW_BOUNDS) + 1  # the last one holds everything slower than 60 s
-_PER_LOG_STEP = 1 / math.log(_WINDOW_STEP)
+WINDOW_BOUNDS: Final = _log_spaced(_WINDOW_LOW, 60.0, _WINDOW_STEP)
+_WINDOW_BUCKETS: Final = len(WINDOW_BOUNDS) + 1  # the last one holds everything slower than 60 s
+_PER_LOG_STEP: Final = 1 / math.log(_WINDOW_STEP)
 
 
 def window_bucket(seconds: float) -> int:
@@ -73,12 +73,36 @@ def window_bucket(seconds: float) -> int:
     (the bounds are log-spaced); the two loops mend float rounding at a bound."""
     if seconds <= _WINDOW_LOW:
         return 0
-    bucket = min(int(math.log(seconds / _WINDOW_LOW) * _PER_LOG_STEP), len(WINDOW_BOUNDS))
-    while bucket < len(WINDOW_BOUNDS) and WINDOW_BOUNDS[bucket] < seconds:
+    last = _WINDOW_BUCKETS - 1
+    bucket = min(int(math.log(seconds / _WINDOW_LOW) * _PER_LOG_STEP), last)
+    while bucket < last and WINDOW_BOUNDS[bucket] < seconds:
         bucket += 1
     while bucket > 0 and WINDOW_BOUNDS[bucket - 1] >= seconds:
         bucket -= 1
     return bucket
+
+
+def _duration_tables() -> tuple[list[int], list[int]]:
+    """For each window bucket: how many DURATION_BUCKETS bounds lie wholly below it,
+    and which bound lies inside it (-1: none; window steps are finer than the bounds')."""
+    below = [0] * _WINDOW_BUCKETS
+    inside = [-1] * _WINDOW_BUCKETS
+    for index, bound in enumerate(DURATION_BUCKETS):
+        inside[window_bucket(bound)] = index
+    for bucket in range(1, _WINDOW_BUCKETS):
+        below[bucket] = below[bucket - 1] + (inside[bucket - 1] >= 0)
+    return below, inside
+
+
+_DURATION_TABLES: Final = _duration_tables()
+_DURATION_BELOW: Final = _DURATION_TABLES[0]
+_DURATION_INSIDE: Final = _DURATION_TABLES[1]
+
+
+def duration_bucket(seconds: float, window: int) -> int:
+    """bisect_left(DURATION_BUCKETS, seconds), given window_bucket(seconds)."""
+    inside = _DURATION_INSIDE[window]
+    return _DURATION_BELOW[window] + (inside >= 0 and DURATION_BUCKETS[inside] < seconds)
 
 
 class VersionStats:
@@ -123,7 +147,8 @@ class VersionStats:
         duration; `now` is the clock's reading if the caller has it already."""
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
-        self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        window = window_bucket(seconds)
+        self.duration_buckets[duration_bucket(seconds, window)] += 1
         self.duration_sum += seconds
         second = int(self._clock() if now is None else now)
         slot = second % WINDOW_SECONDS
@@ -132,7 +157,7 @@ class VersionStats:
         self._slot_requests[slot] += 1
         if status >= 500:
             self._slot_errors[slot] += 1
-        self._slot_latency[slot][window_bucket(seconds)] += 1
+        self._slot_latency[slot][window] += 1
 
     def upstream_error(self, kind: str) -> None:
         """Count an upstream failure: "connect", "timeout", "reset" (or another fixed kind).

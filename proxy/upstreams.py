@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from random import random, randrange
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -37,8 +37,8 @@ from .health import Checked, HealthChecker
 
 log = logging.getLogger(__name__)
 
-MAX_IDLE_PER_ENDPOINT = 256
-UNLIMITED = sys.maxsize  # max_connections_per_endpoint: 0
+MAX_IDLE_PER_ENDPOINT: Final = 256
+UNLIMITED: Final = sys.maxsize  # max_connections_per_endpoint: 0
 
 
 class ResponseSink(Protocol):

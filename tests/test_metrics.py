@@ -9,7 +9,14 @@ from bisect import bisect_left
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address, Config, Service, Split, Version
-from proxy.metrics import WINDOW_BOUNDS, Metrics, VersionStats, window_bucket
+from proxy.metrics import (
+    DURATION_BUCKETS,
+    WINDOW_BOUNDS,
+    Metrics,
+    VersionStats,
+    duration_bucket,
+    window_bucket,
+)
 from proxy.routing import Router
 from proxy.state import Snapshot
 
@@ -227,9 +234,12 @@ def test_repr_shows_live_counts() -> None:
     assert repr(stats) == "<VersionStats [total: 1 | last minute: 1 requests, 1 errors]>"
 
 
-def test_window_bucket_is_the_bisection_of_the_bounds() -> None:
-    edges = [b for bound in WINDOW_BOUNDS for b in (bound, math.nextafter(bound, 0), bound * 1.01)]
+def test_buckets_are_the_bisection_of_the_bounds() -> None:
+    bounds = (*WINDOW_BOUNDS, *DURATION_BUCKETS)
+    edges = [b for bound in bounds for b in (bound, math.nextafter(bound, 0), bound * 1.01)]
     values = [0.0, 1e-9, 30.0, 59.99, 60.0, 61.0, 3600.0, *edges]
     values += [random.Random(seed).uniform(0, 70) for seed in range(2000)]
     for seconds in values:
-        assert window_bucket(seconds) == bisect_left(WINDOW_BOUNDS, seconds), seconds
+        window = window_bucket(seconds)
+        assert window == bisect_left(WINDOW_BOUNDS, seconds), seconds
+        assert duration_bucket(seconds, window) == bisect_left(DURATION_BUCKETS, seconds), seconds
