@@ -2,7 +2,7 @@
 the HTTP/1.1 client side of one exchange.
 
 An `UpstreamConnection` parses responses with httptools (llhttp, strict) and
-hands every event to the exchange currently using it (`ResponseSink`); it knows
+hands every event to the exchange currently using it (`dataplane.Exchange`); it knows
 nothing about clients. An `EndpointPool` is one endpoint of one version: its
 idle connections, its requests in flight and its health (outlier ejection from
 real requests, verdicts of active checks). A `Balancer` holds one version's
@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from random import random, randrange
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -40,19 +40,10 @@ log = logging.getLogger(__name__)
 MAX_IDLE_PER_ENDPOINT: Final = 256
 UNLIMITED: Final = sys.maxsize  # max_connections_per_endpoint: 0
 
-
-class ResponseSink(Protocol):
-    def response_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], close: bool
-    ) -> None: ...
-    def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-    def response_body(self, chunk: bytes) -> None: ...
-    def response_complete(self) -> None: ...
-    def upstream_failed(self, error: ProxyError) -> None: ...
-    def upstream_write_paused(self, paused: bool) -> None: ...
-    def flush(self) -> None: ...
-    def tunnel_data(self, data: bytes) -> None: ...
-    def tunnel_closed(self) -> None: ...
+if TYPE_CHECKING:
+    # The one receiver of response events. Named exactly, not by a Protocol,
+    # so that the compiled data path calls it directly.
+    from .dataplane import Exchange
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -74,7 +65,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
+        self.sink: Exchange | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._informational = False
@@ -90,7 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         return f"<UpstreamConnection {self.pool.address} {state}>"
 
     # -- used by the exchange --------------------------------------------
-    def start(self, sink: ResponseSink, head: bytes, skip_body: bool) -> None:
+    def start(self, sink: Exchange, head: bytes, skip_body: bool) -> None:
         """Begin an exchange: `skip_body` for HEAD, whose response has no body."""
         self.sink = sink
         self.received = False

@@ -99,6 +99,22 @@ def test_valid_requests_are_served_and_reframed(
     assert old.url == b"/old" and old.version == "1.1"
 
 
+def test_each_pipelined_request_is_answered_in_its_own_version(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    raw = (
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    reply, _ = exchange(proxy.data_port, raw)
+    responses = parse_responses(reply)
+    assert [r.status for r in responses] == [200, 200, 200], reply
+    # Only the HTTP/1.0 client is told its connection stays open.
+    keep_alive = [r.headers.get(b"connection") == b"keep-alive" for r in responses]
+    assert keep_alive == [False, True, False], reply
+
+
 def test_absolute_form_to_the_same_host_is_forwarded_in_origin_form(
     proxy: ProxyProcess, upstream: RecordingUpstream
 ) -> None:
@@ -222,6 +238,9 @@ BAD_VERSION = {
     "http-2.0": b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
     "http-3.0": b"GET / HTTP/3.0\r\nHost: x\r\n\r\n",
     "http-0.9": b"GET / HTTP/0.9\r\nHost: x\r\n\r\n",
+    # The version is read off the request line when it ends in " HTTP/1.1": a
+    # header ending so must not pass for it.
+    "http-2.0-header-1.1": b"GET / HTTP/2.0\r\nX-Line: GET / HTTP/1.1\r\nHost: x\r\n\r\n",
 }
 # No version at all reads as an HTTP/0.9 simple request: 505 or 400.
 NO_VERSION = b"GET /\r\nHost: x\r\n\r\n"
