@@ -430,7 +430,8 @@ def write_chart(path: Path, pyplot: ModuleType, main: Sequence[Row], series: Seq
         axis.set_xlabel("services / endpoints per version / rules")
         axis.set_title(f"grayproxy: {title}")
         axis.set_ylim(bottom=0)
-        axis.legend()
+        if series:  # --no-series: nothing to label
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
