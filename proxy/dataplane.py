@@ -26,6 +26,7 @@ from .http1 import (
     CHUNKED_END,
     IDEMPOTENT_METHODS,
     RequestHead,
+    forwarded_for_lines,
     origin_form,
     response_lines,
     status_line,
@@ -165,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
         "client_ip",
         "current",
         "expires",
+        "forwarded_for",
         "parser",
         "plane",
         "queue",
@@ -178,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = ""
+        self.forwarded_for = b""  # X-Forwarded-For and -Proto lines, see http1.forwarded_for_lines
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.tunnel: UpstreamConnection | None = None  # after a 101: bytes pass both ways
@@ -205,6 +208,7 @@ class ClientConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
+        self.forwarded_for = forwarded_for_lines(self.client_ip)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -538,7 +542,7 @@ class Exchange:
         length = head.headers.get("content-length")
         if limit and length is not None and int(length) > limit:
             raise errors.PayloadTooLarge(f"request body over {limit} bytes")
-        self.head = upstream_head(method, target, head, self.client.client_ip, self.upgrade)
+        self.head = upstream_head(method, target, head, self.client.forwarded_for, self.upgrade)
 
     def _route(self, host: str, view: RequestView) -> None:
         table = self.client.plane.table

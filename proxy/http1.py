@@ -125,21 +125,27 @@ class RequestHead:
         self.host = host or ""
 
 
-# Hosts already found valid: the same few arrive on every request. Bounded like _NAMES.
-_VALID_HOSTS: Final[set[str]] = set()
+# Hosts already found valid, with the X-Forwarded-Host line each is sent
+# upstream with: the same few arrive on every request. Bounded like _NAMES.
+_HOST_LINES: Final[dict[str, bytes]] = {}
 
 
 def check_host(value: str, seen: str | None) -> str:
     if seen is not None or "," in value:
         raise errors.BadRequest("more than one Host")
-    if value in _VALID_HOSTS:
+    if value in _HOST_LINES:
         return value
     if VALID_HOST.fullmatch(value) is None:
         raise errors.BadRequest("invalid Host")
-    if len(_VALID_HOSTS) >= MAX_CACHED_NAMES:
-        _VALID_HOSTS.clear()
-    _VALID_HOSTS.add(value)
+    if len(_HOST_LINES) >= MAX_CACHED_NAMES:
+        _HOST_LINES.clear()
+    _HOST_LINES[value] = b"x-forwarded-host: " + value.encode("latin-1") + b"\r\n"
     return value
+
+
+def forwarded_host_line(host: str) -> bytes:
+    line = _HOST_LINES.get(host)
+    return line if line is not None else b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n"
 
 
 def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
@@ -174,18 +180,27 @@ def origin_form(url: bytes, host: str, method: bytes) -> bytes:
     raise errors.BadRequest("invalid request target")
 
 
+def forwarded_for_lines(client_ip: str) -> bytes:
+    """X-Forwarded-For and -Proto for a client that sent no X-Forwarded-For:
+    the same for every request of a connection, so built once per connection."""
+    return b"x-forwarded-for: " + client_ip.encode("latin-1") + b"\r\nx-forwarded-proto: http\r\n"
+
+
 def upstream_head(
-    method: bytes, target: bytes, head: RequestHead, client_ip: str, upgrade: bytes | None
+    method: bytes, target: bytes, head: RequestHead, forwarded_for: bytes, upgrade: bytes | None
 ) -> bytes:
-    """The request head sent upstream, framed for the body as received."""
-    xff = head.headers.get("x-forwarded-for")
+    """The request head sent upstream, framed for the body as received;
+    `forwarded_for` is forwarded_for_lines(the client's address)."""
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     append_lines(parts, head.forwarded)
-    parts.append(b"x-forwarded-for: ")
-    parts.append((f"{xff}, {client_ip}" if xff else client_ip).encode("latin-1"))
-    parts.append(b"\r\nx-forwarded-proto: http\r\n")
+    xff = head.headers.get("x-forwarded-for")
+    if xff:  # extend the client's list
+        parts.append(b"x-forwarded-for: " + xff.encode("latin-1") + b", ")
+        parts.append(forwarded_for[len(b"x-forwarded-for: ") :])
+    else:
+        parts.append(forwarded_for)
     if head.host:
-        parts.append(b"x-forwarded-host: " + head.host.encode("latin-1") + b"\r\n")
+        parts.append(forwarded_host_line(head.host))
     if upgrade:
         parts.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
     if head.chunked:

@@ -73,7 +73,7 @@ class RequestView:
         method: str,
         path: str,
         query_string: str,
-        headers: Mapping[str, str],
+        headers: dict[str, str],
         client_ip: str,
     ) -> None:
         self.method = method

@@ -8,6 +8,7 @@ from proxy import errors
 from proxy.http1 import (
     RequestHead,
     check_transfer_encoding,
+    forwarded_for_lines,
     origin_form,
     response_lines,
     status_line,
@@ -105,14 +106,16 @@ def test_upstream_head_is_reframed_with_forwarding_headers() -> None:
         (b"X-Forwarded-For", b"10.0.0.1"),
         (b"Content-Length", b"5"),
     )
-    sent = upstream_head(b"POST", b"/p?", request, "127.0.0.1", None)
+    sent = upstream_head(b"POST", b"/p?", request, forwarded_for_lines("127.0.0.1"), None)
     assert sent == (
         b"POST /p? HTTP/1.1\r\nHost: x\r\n"
         b"x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-forwarded-proto: http\r\n"
         b"x-forwarded-host: x\r\ncontent-length: 5\r\n\r\n"
     )
     chunked = head((b"Host", b"x"), (b"Transfer-Encoding", b"chunked"))
-    assert b"transfer-encoding: chunked\r\n" in upstream_head(b"POST", b"/", chunked, "::1", None)
+    sent = upstream_head(b"POST", b"/", chunked, forwarded_for_lines("::1"), None)
+    assert b"transfer-encoding: chunked\r\n" in sent
+    assert b"x-forwarded-for: ::1\r\nx-forwarded-proto: http\r\n" in sent
 
 
 def test_response_lines_keep_end_to_end_headers_only() -> None:
