@@ -2,12 +2,15 @@
 
 The modules a request runs through are plain, fully typed Python; mypyc turns
 them into C extensions, which halves the instructions each request costs
-(`python -m bench.instructions`). Everything else stays interpreted. Set
-GRAYPROXY_PURE=1 to build without a C compiler: the same code then runs
-interpreted, correct but slower.
+(`python -m bench.instructions`). Everything else stays interpreted. Without a
+C compiler or Python's headers, or with GRAYPROXY_PURE=1, the same code is
+installed to run interpreted: correct, but slower.
 """
 
 import os
+import shutil
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -21,8 +24,27 @@ HOT_PATH = [
 ]
 
 
+def missing_for_compiling() -> str | None:
+    """What a compiled build lacks here, or None."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler})"
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.exists(headers):
+        return f"no Python headers ({headers})"
+    return None
+
+
 def ext_modules() -> list:  # type: ignore[type-arg]
     if os.environ.get("GRAYPROXY_PURE"):
+        return []
+    missing = missing_for_compiling()
+    if missing is not None:
+        print(
+            f"grayproxy: {missing}: installing the data path interpreted (about half as fast);"
+            " install gcc and the Python headers for the compiled build",
+            file=sys.stderr,
+        )
         return []
     from mypyc.build import mypycify
 
