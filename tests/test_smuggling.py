@@ -399,6 +399,22 @@ TRUNCATING_RESPONSES = {
     "chunked-cut-in-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nhello",
 }
 CLOSE_DELIMITED = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"y" * 3000
+# Valid, in one write each: (reply, status, a header the client must get as sent, body).
+ODD_RESPONSES = {
+    "continue-then-final": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A:  b\r\n\r\nok",
+        200,
+        (b"x-a", b"b"),
+        b"ok",
+    ),
+    "no-header-at-all": (b"HTTP/1.1 204 No Content\r\n\r\n", 204, None, b""),
+    "colons-in-value": (
+        b"HTTP/1.1 200 OK\r\nX-Url: http://a:1/b\r\nContent-Length: 2\r\n\r\nok",
+        200,
+        (b"x-url", b"http://a:1/b"),
+        b"ok",
+    ),
+}
 
 UPSTREAM_CONFIG = """
 listen: "127.0.0.1:${data_port}"
@@ -415,6 +431,7 @@ UPSTREAM_SERVICE = """
 @pytest.fixture(scope="module")
 def bad_upstreams_proxy(loops: LoopThread) -> Iterator[ProxyProcess]:
     replies = {**BAD_RESPONSES, **TRUNCATING_RESPONSES, "closedelim": CLOSE_DELIMITED}
+    replies.update((name, odd[0]) for name, odd in ODD_RESPONSES.items())
     servers = {name: raw_server(loops, reply) for name, reply in replies.items()}
     config = UPSTREAM_CONFIG + "".join(
         UPSTREAM_SERVICE % {"name": name, "port": port} for name, (port, _) in servers.items()
@@ -436,6 +453,19 @@ def test_invalid_upstream_response_is_502(bad_upstreams_proxy: ProxyProcess, nam
     assert response.complete and closed
     assert b"Traceback" not in reply
     assert b"abc" not in response.body
+
+
+@pytest.mark.parametrize("name", ODD_RESPONSES)
+def test_odd_but_valid_upstream_response_is_relayed(
+    bad_upstreams_proxy: ProxyProcess, name: str
+) -> None:
+    _, status, header, body = ODD_RESPONSES[name]
+    raw = b"GET /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode()
+    reply, _ = exchange(bad_upstreams_proxy.data_port, raw)
+    [response] = parse_responses(reply)
+    assert response.status == status and response.body == body, reply
+    if header is not None:
+        assert response.headers.get(header[0]) == header[1], reply
 
 
 @pytest.mark.parametrize("name", TRUNCATING_RESPONSES)
