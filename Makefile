@@ -65,7 +65,7 @@ $(BENCH_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 
 # ...then the data path compiled in place (mypyc, see setup.py: proxy/*.so), again whenever
 # a module of the package changes. With GRAYPROXY_PURE=1 it stays interpreted.
-$(COMPILED): $(INSTALLED) $(wildcard proxy/*.py)
+$(COMPILED): pyproject.toml setup.py $(wildcard proxy/*.py) | $(INSTALLED)
 	rm -f proxy/*.so *__mypyc*.so
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
