@@ -8,6 +8,7 @@ difference divided by the extra requests: the startup cost cancels out.
 
     python -m bench.instructions                       # this tree
     python -m bench.instructions --source /tmp/base    # another checkout, e.g. the previous commit
+    python -m bench.instructions --functions 20        # and where they go, per compiled function
 
 Counts are user-space instructions of the proxy process (the kernel's share of
 the socket calls is not in them). Same binary, same inputs: the same count,
@@ -53,15 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     parser.add_argument("--source", type=Path, default=ROOT, help="source tree to run (.)")
     parser.add_argument("--requests", type=int, default=2000, help="extra requests (2000)")
+    parser.add_argument(
+        "--functions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the N costliest compiled functions, inclusive, per request",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
     upstream_port = start_upstream()
-    few = instructions(args.source, upstream_port, 200)
-    many = instructions(args.source, upstream_port, 200 + args.requests)
+    few, few_functions = instructions(args.source, upstream_port, 200)
+    many, many_functions = instructions(args.source, upstream_port, 200 + args.requests)
     per_request = (many - few) / args.requests
     print(f"{args.source}: {per_request:,.0f} instructions per request")
+    costs = {
+        name: (total - few_functions.get(name, 0)) / args.requests
+        for name, total in many_functions.items()
+    }
+    for name, cost in sorted(costs.items(), key=lambda item: -item[1])[: args.functions]:
+        print(f"{cost:10,.0f}  {name}")
+    if args.functions and not costs:
+        print("no compiled function seen: is the tree built? (see README, Compiled data path)")
     return 0
 
 
@@ -86,8 +102,9 @@ def start_upstream() -> int:
     return port
 
 
-def instructions(source: Path, upstream_port: int, requests: int) -> int:
-    """Total instructions of one proxy run that served `requests` requests."""
+def instructions(source: Path, upstream_port: int, requests: int) -> tuple[int, dict[str, int]]:
+    """Total instructions of one proxy run that served `requests` requests, and
+    those of each compiled function, callees included."""
     data, control = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
@@ -119,7 +136,7 @@ def instructions(source: Path, upstream_port: int, requests: int) -> int:
         finally:
             proxy.terminate()
             proxy.wait(120)
-        return read_total(out.read_text(errors="replace"))
+        return read_total(out.read_text(errors="replace")), compiled_functions(out)
 
 
 def send_requests(port: int, count: int) -> None:
@@ -132,6 +149,24 @@ def send_requests(port: int, count: int) -> None:
                 if not chunk:
                     raise RuntimeError("the proxy closed the connection")
                 received += chunk
+
+
+def compiled_functions(callgrind_out: Path) -> dict[str, int]:
+    """Inclusive instructions of each mypyc-compiled function (C name
+    CPyDef_<module>___<Class>___<method>), as module.Class.method."""
+    if shutil.which("callgrind_annotate") is None:
+        return {}
+    annotated = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(callgrind_out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    functions: dict[str, int] = {}
+    for count, c_name in re.findall(r"^\s*([\d,]+) .*?:CPyDef_(\w+)", annotated, re.MULTILINE):
+        name = ".".join(c_name.split("___"))
+        functions.setdefault(name, int(count.replace(",", "")))  # listed biggest first
+    return functions
 
 
 def read_total(callgrind_out: str) -> int:
