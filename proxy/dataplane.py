@@ -15,6 +15,7 @@ import asyncio
 import socket
 import time
 from collections import deque
+from time import monotonic
 from typing import Final, cast
 
 import httptools
@@ -469,7 +470,7 @@ class Exchange:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.client = client
-        self.started_at = time.monotonic()
+        self.started_at = monotonic()
         self.upstream: UpstreamConnection | None = None
         self.target: VersionTarget | None = None
         self.service: ServiceTarget | None = None
@@ -889,7 +890,7 @@ class Exchange:
             return
         self.observed = True
         if self.target is not None:
-            now = time.monotonic()
+            now = monotonic()
             self.target.stats.observe(status, now - self.started_at, now)
         if self.pool is not None:
             self.pool.end(status)

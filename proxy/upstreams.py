@@ -17,9 +17,9 @@ import asyncio
 import logging
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from random import random, randrange
+from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -86,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.received = False
         self._skip_body = skip_body
+        self._headers = []  # here rather than in on_message_begin: one callback less
         assert self.transport is not None
         self.transport.write(head)
 
@@ -175,9 +176,6 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_failed(error)
 
     # -- httptools callbacks ---------------------------------------------
-    def on_message_begin(self) -> None:
-        self._headers = []
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
@@ -189,6 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self._informational = True
             sink.response_informational(status, self._headers)
+            self._headers = []  # the final response's follow
             return
         self.upgraded = status == 101
         self._in_body = True
@@ -310,7 +309,7 @@ class EndpointPool:
         if self.closed or len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.abort()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = monotonic()
         self._idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
