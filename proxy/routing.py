@@ -18,10 +18,8 @@ import enum
 import ipaddress
 import math
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from itertools import accumulate
-from operator import attrgetter, eq, is_not, methodcaller
 from random import getrandbits, random
 from typing import Final
 from urllib.parse import parse_qsl
@@ -31,17 +29,13 @@ import mmh3
 from proxy.config import FieldMatch, HashSource, IPNetwork, Rule, Service
 
 IPBits = tuple[int, int]  # (IP version, address as int)
-Check = Callable[["RequestView"], bool]
-Reader = Callable[["RequestView"], "str | None"]
-ValueTest = Callable[["str | None"], bool]
 Candidate = tuple[str, int, float]  # (version name, hash seed, 1 / weight)
 _Route = tuple[int, str, "ServiceRouter"]  # (service order, path prefix, router)
 HOST_CACHE_SIZE: Final = 4096  # distinct Host values whose candidate routes are remembered
 
 _murmur3: Final = mmh3.hash  # (data, seed, signed) -> int
-_UNIT_32: Final = (
-    2.0**-32
-)  # maps a 32-bit hash h to u = (h + 0.5) * _UNIT_32, strictly inside (0, 1)
+# Maps a 32-bit hash h to u = (h + 0.5) * _UNIT_32, strictly inside (0, 1).
+_UNIT_32: Final = 2.0**-32
 
 
 class _Lazy(enum.Enum):
@@ -199,87 +193,109 @@ def _check_weights(weights: Mapping[str, float]) -> None:
 # --- rules ---------------------------------------------------------------------------------
 
 
-def _compile_rule(rule: Rule) -> tuple[Check, ...]:
-    """The rule's conditions as predicates, cheapest first; all must hold."""
-    checks: list[Check] = []
+def _compile_rule(rule: Rule) -> tuple[Condition, ...]:
+    """The rule's conditions, cheapest first; all must hold."""
+    checks: list[Condition] = []
     if rule.methods:
-        checks.append(_method_check(rule.methods))
+        checks.append(MethodIn(rule.methods))
     if rule.path_prefix is not None:
-        checks.append(_path_check(rule.path_prefix))
-    checks += (_header_check(m.name.lower(), _value_test(m)) for m in rule.headers)
-    checks += (_cookie_check(m.name, _value_test(m)) for m in rule.cookies)
-    checks += (_query_check(m.name, _value_test(m)) for m in rule.query)
+        checks.append(PathPrefix(rule.path_prefix))
+    checks += (FieldTest(KeyReader("header", m.name.lower()), m) for m in rule.headers)
+    checks += (FieldTest(KeyReader("cookie", m.name), m) for m in rule.cookies)
+    checks += (FieldTest(KeyReader("query", m.name), m) for m in rule.query)
     if rule.sources:
-        checks.append(_source_check(rule.sources))
+        checks.append(FromSource(rule.sources))
     return tuple(checks)
 
 
-def _method_check(methods: frozenset[str]) -> Check:
-    return lambda req: req.method in methods
+# Conditions and key readers are small classes rather than closures: compiled,
+# the decision calls their methods directly, with no Python call in between.
 
 
-def _path_check(prefix: str) -> Check:
-    return lambda req: req.path.startswith(prefix)
+class Condition:
+    """One condition of a rule."""
+
+    def holds(self, req: RequestView) -> bool:
+        raise NotImplementedError
 
 
-def _header_check(name: str, test: ValueTest) -> Check:
-    return lambda req: test(req.headers.get(name))
+class MethodIn(Condition):
+    def __init__(self, methods: frozenset[str]) -> None:
+        self.methods = methods
+
+    def holds(self, req: RequestView) -> bool:
+        return req.method in self.methods
 
 
-def _cookie_check(name: str, test: ValueTest) -> Check:
-    return lambda req: test(req.cookie(name))
+class PathPrefix(Condition):
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def holds(self, req: RequestView) -> bool:
+        return req.path.startswith(self.prefix)
 
 
-def _query_check(name: str, test: ValueTest) -> Check:
-    return lambda req: test(req.query_param(name))
+class KeyReader:
+    """Reads one field of a request: a header, cookie or query parameter, or the client address."""
+
+    def __init__(self, kind: str, name: str = "") -> None:
+        if kind not in ("header", "cookie", "query", "client_ip"):
+            raise ValueError(f"unknown field kind: {kind!r}")
+        self.kind = kind
+        self.name = name
+
+    def read(self, req: RequestView) -> str | None:
+        if self.kind == "header":
+            return req.headers.get(self.name)
+        if self.kind == "cookie":
+            return req.cookie(self.name)
+        if self.kind == "query":
+            return req.query_param(self.name)
+        return req.client_ip
 
 
-def _value_test(match: FieldMatch) -> ValueTest:
-    """The test of a field's value (None: absent); C-level partials where possible."""
-    if match.regex is not None:
-        search = match.regex.search
-
-        def matches_regex(value: str | None) -> bool:
-            return value is not None and search(value) is not None
-
-        return matches_regex
-    if match.value is not None:
-        return partial(eq, match.value)
-    if match.present:
-        return partial(is_not, None)
-    raise ValueError(f"condition on {match.name!r}: expected one of value, regex, present")
+def _key_reader(source: HashSource) -> KeyReader:
+    name = source.name.lower() if source.kind == "header" else source.name
+    return KeyReader(source.kind, name)
 
 
-def _source_check(networks: tuple[IPNetwork, ...]) -> Check:
-    # Plain int masks: `address in network` costs ~1 us per network in ipaddress.
-    masks: dict[int, tuple[tuple[int, int], ...]] = {
-        version: tuple(
-            (int(n.network_address), int(n.netmask)) for n in networks if n.version == version
-        )
-        for version in (4, 6)
-    }
+class FieldTest(Condition):
+    """A field's value: equal to a string, matching a regex, or present."""
 
-    def from_source(req: RequestView) -> bool:
+    def __init__(self, field: KeyReader, match: FieldMatch) -> None:
+        if match.regex is None and match.value is None and not match.present:
+            raise ValueError(f"condition on {match.name!r}: expected one of value, regex, present")
+        self.field = field
+        self.value = match.value
+        self.regex = match.regex
+
+    def holds(self, req: RequestView) -> bool:
+        value = self.field.read(req)
+        if value is None:
+            return False
+        if self.regex is not None:
+            return self.regex.search(value) is not None
+        if self.value is not None:
+            return value == self.value
+        return True  # present
+
+
+class FromSource(Condition):
+    def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
+        # Plain int masks: `address in network` costs ~1 us per network in ipaddress.
+        self.masks: dict[int, tuple[tuple[int, int], ...]] = {
+            version: tuple(
+                (int(n.network_address), int(n.netmask)) for n in networks if n.version == version
+            )
+            for version in (4, 6)
+        }
+
+    def holds(self, req: RequestView) -> bool:
         bits = req.client_bits()
         if bits is None:
             return False
         version, address = bits
-        return any(address & mask == network for network, mask in masks[version])
-
-    return from_source
-
-
-def _key_reader(source: HashSource) -> Reader:
-    if source.kind == "header":
-        name = source.name.lower()
-        return lambda req: req.headers.get(name)
-    if source.kind == "cookie":
-        return methodcaller("cookie", source.name)
-    if source.kind == "query":
-        return methodcaller("query_param", source.name)
-    if source.kind == "client_ip":
-        return attrgetter("client_ip")
-    raise ValueError(f"unknown hash_on kind: {source.kind!r}")
+        return any(address & mask == network for network, mask in self.masks[version])
 
 
 # --- one service --------------------------------------------------------------------------
@@ -319,7 +335,7 @@ class ServiceRouter:
         self._sticky = sticky is not None
         self._cookie_prefix = self._cookie_suffix = ""
         if sticky is not None:
-            readers.append(methodcaller("cookie", sticky.name))
+            readers.append(KeyReader("cookie", sticky.name))
             self._cookie_prefix = f"{sticky.name}="
             max_age = "" if sticky.max_age is None else f"; Max-Age={sticky.max_age}"
             self._cookie_suffix = f"; Path=/{max_age}; HttpOnly; SameSite=Lax"
@@ -329,12 +345,12 @@ class ServiceRouter:
         """(version, Set-Cookie value to add to the response or None)."""
         for checks, version in self._rules:
             for check in checks:
-                if not check(req):
+                if not check.holds(req):
                     break
             else:
                 return version, None
-        for read in self._key_readers:
-            key = read(req)
+        for reader in self._key_readers:
+            key = reader.read(req)
             if key:
                 return rendezvous(key, self._candidates), None
         if self._sticky:
