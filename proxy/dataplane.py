@@ -651,10 +651,12 @@ class Exchange:
 
     def _send_head(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        body = b"".join(self._body_buffer)
-        self._body_buffer.clear()
-        self._buffered = 0
-        conn.start(self, self.head + body, self.head_request)
+        data = self.head
+        if self._body_buffer:  # what arrived of the body before the connection
+            data += b"".join(self._body_buffer)
+            self._body_buffer.clear()
+            self._buffered = 0
+        conn.start(self, data, self.head_request)
         if self.request_done:
             self._request_sent()
         else:
