@@ -139,13 +139,17 @@ def check_host(value: str, seen: str | None) -> str:
         raise errors.BadRequest("invalid Host")
     if len(_HOST_LINES) >= MAX_CACHED_NAMES:
         _HOST_LINES.clear()
-    _HOST_LINES[value] = b"x-forwarded-host: " + value.encode("latin-1") + b"\r\n"
+    _HOST_LINES[value] = _forwarded_host(value)
     return value
 
 
 def forwarded_host_line(host: str) -> bytes:
     line = _HOST_LINES.get(host)
-    return line if line is not None else b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n"
+    return line if line is not None else _forwarded_host(host)
+
+
+def _forwarded_host(host: str) -> bytes:
+    return b"x-forwarded-host: " + host.encode("latin-1") + b"\r\n"
 
 
 def check_transfer_encoding(value: bytes, repeated: bool) -> bool:

@@ -170,9 +170,12 @@ class _Recording(asyncio.Protocol):
 # --------------------------------------------------------------------------- raw client side
 
 
-def exchange(port: int, data: bytes | list[bytes], timeout: float = 2.0) -> tuple[bytes, bool]:
+def exchange(
+    port: int, data: bytes | list[bytes], timeout: float = 2.0, total: float | None = None
+) -> tuple[bytes, bool]:
     """Send raw bytes (a list: one send each, 20 ms apart) and read until the
-    proxy closes or `timeout` passes. Returns the reply and whether it closed."""
+    proxy closes, is quiet for `timeout`, or `total` (default: `timeout`) has
+    passed. Returns the reply and whether it closed."""
     pieces = [data] if isinstance(data, bytes) else data
     chunks: list[bytes] = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -183,7 +186,7 @@ def exchange(port: int, data: bytes | list[bytes], timeout: float = 2.0) -> tupl
                 sock.sendall(piece)
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused before everything was sent: read what it answered
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if total is None else total)
         while time.monotonic() < deadline:
             try:
                 chunk = sock.recv(65536)

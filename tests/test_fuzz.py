@@ -12,9 +12,7 @@ per SPEC §3) is never forwarded, not even in part, and nothing after it.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from procs import ProxyProcess
-from recording import Forwarded, RecordingUpstream, Response, parse_responses
+from recording import Forwarded, RecordingUpstream, Response, exchange, parse_responses
 
 CONFIG = """
 listen: "127.0.0.1:${data_port}"
@@ -415,22 +413,7 @@ def origin_form(url: bytes) -> bytes:
 
 def send(port: int, data: bytes) -> tuple[bytes, bool]:
     """Send `data` in one packet; read until the proxy closes or is quiet for 300 ms."""
-    chunks: list[bytes] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=0.3) as sock:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(data)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                return b"".join(chunks), False
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks), True
+    return exchange(port, data, timeout=0.3, total=3.0)
 
 
 def upstream_cut_off(upstream: RecordingUpstream) -> bool:
