@@ -29,25 +29,17 @@ import threading
 import time
 from pathlib import Path
 
+from bench.configs import REALISTIC, USER_AGENT, Upstreams, grayproxy_yaml
 from bench.procs import free_ports, is_listening
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = """
-listen: "127.0.0.1:{data}"
-control: {{listen: "127.0.0.1:{control}"}}
-services:
-  - name: web
-    versions:
-      stable: {{endpoints: ["127.0.0.1:{upstream}"]}}
-      canary: {{endpoints: ["127.0.0.1:{upstream}"]}}
-    split:
-      weights: {{stable: 90, canary: 10}}
-      hash_on: [{{header: x-user-id}}]
-    rules:
-      - match: {{header: {{name: x-canary, value: always}}}}
-        version: canary
-"""
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n"
+# What the bench's upstream nginx (`return 200`) answers, and what wrk asks with the
+# bench's script: the same heads as `make bench`, with its realistic config.
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 23:30:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nhello\n"
+)
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: %s\r\nx-user-id: user-%d\r\n\r\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +100,8 @@ def instructions(source: Path, upstream_port: int, requests: int) -> tuple[int, 
     data, control = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
-        config.write_text(CONFIG.format(data=data, control=control, upstream=upstream_port))
+        upstreams = Upstreams(stable=(upstream_port,), canary=(upstream_port,))
+        config.write_text(grayproxy_yaml(data, control, upstreams, REALISTIC))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",
@@ -142,7 +135,7 @@ def instructions(source: Path, upstream_port: int, requests: int) -> tuple[int, 
 def send_requests(port: int, count: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         for user in range(count):
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: %d\r\n\r\n" % user)
+            sock.sendall(REQUEST % (USER_AGENT.encode(), user))
             received = b""
             while not received.endswith(b"hello\n"):
                 chunk = sock.recv(65536)
