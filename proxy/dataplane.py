@@ -488,7 +488,7 @@ class Exchange:
         self._last_read = 0.0  # 0: not waiting for the upstream
         self._out: list[bytes] = []  # response bytes for the client, written once per upstream read
         self._pending: asyncio.Task[None] | None = None
-        self._tried: list[EndpointPool] = []
+        self._tried: tuple[EndpointPool, ...] = ()
         self.pool: EndpointPool | None = None  # the endpoint serving this request
         self._chunked_response = False
         self.head = b""
@@ -527,7 +527,7 @@ class Exchange:
         head = RequestHead(raw_headers, self.http10)
         self._chunked_request = head.chunked
         self.want_continue = head.want_continue
-        if parser.should_upgrade():
+        if "upgrade" in head.headers and parser.should_upgrade():
             self.upgrade = head.headers.get("upgrade", "").encode("latin-1")
         target = origin_form(url, head.host, method)
         path, _, query = target.partition(b"?")
@@ -619,7 +619,7 @@ class Exchange:
                 try:
                     conn = await pool.connect(self.service.timeouts.connect)
                 except ProxyError as exc:
-                    self._tried.append(pool)
+                    self._tried += (pool,)
                     self.target.stats.upstream_error(exc.kind or "connect")
                     last_error = exc
                     continue
@@ -630,7 +630,7 @@ class Exchange:
             return
 
     def _use(self, pool: EndpointPool, conn: UpstreamConnection) -> None:
-        self._tried.append(pool)
+        self._tried += (pool,)
         self.pool = pool
         pool.begin()
         self._send_head(conn)
@@ -800,8 +800,8 @@ class Exchange:
     def flush(self) -> None:
         """Write what the last upstream read produced, in one call."""
         if self._out:
-            self.client.writelines(self._out)
-            self._out = []
+            self.client.writelines(self._out)  # the transport keeps the bytes, not the list
+            self._out.clear()
 
     def response_complete(self) -> None:
         self._cancel_deadline()
@@ -822,7 +822,7 @@ class Exchange:
             if self.pool is not None:
                 self.pool.end(0)
                 self.pool = None
-            self._tried.clear()  # the endpoint is not at fault
+            self._tried = ()  # the endpoint is not at fault
             self._connect_soon(fresh=True)
             return
         self._upstream_error(error)

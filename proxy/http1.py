@@ -46,6 +46,7 @@ STATUS_LINES: Final = {
     int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
 }
 CHUNKED_END: Final = b"0\r\n\r\n"
+NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
 def status_line(status: int) -> bytes:
@@ -95,7 +96,7 @@ class RequestHead:
         self.chunked = False
         self.want_continue = False
         host: str | None = None
-        connection_tokens: set[bytes] | None = None
+        dropped = NOTHING  # what Connection names beyond HOP_BY_HOP
         headers = self.headers
         for header in raw_headers:
             raw_value = header[1]
@@ -107,9 +108,8 @@ class RequestHead:
                     host = check_host(text, host)
                 elif key == "transfer-encoding":
                     self.chunked = check_transfer_encoding(raw_value, key in headers)
-                elif key == "connection":
-                    connection_tokens = connection_tokens or set()
-                    connection_tokens.update(t.strip().lower() for t in raw_value.split(b","))
+                elif key == "connection" and connection_options(raw_value):
+                    dropped = dropped | connection_options(raw_value)
                 elif raw_value.lower() == b"100-continue":
                     self.want_continue = True
             if key in headers:
@@ -118,8 +118,8 @@ class RequestHead:
                 headers[key] = text
             if name.forwarded:
                 self.forwarded.append(header)
-        if connection_tokens:
-            self.forwarded = without_listed(self.forwarded, connection_tokens)
+        if dropped:
+            self.forwarded = without_listed(self.forwarded, dropped)
         if host is None and not http10:
             raise errors.BadRequest("missing Host header")
         self.host = host or ""
@@ -162,12 +162,27 @@ def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
     return True
 
 
-def without_listed(headers: list[Header], connection_tokens: set[bytes]) -> list[Header]:
+# Connection values already split, and what each names beyond HOP_BY_HOP (and
+# "close"): nearly always "keep-alive" or "close", so nothing. Bounded like _NAMES.
+_CONNECTION_OPTIONS: Final[dict[bytes, frozenset[bytes]]] = {}
+NOT_HEADER_NAMES: Final = HOP_BY_HOP | {b"close"}
+
+
+def connection_options(value: bytes) -> frozenset[bytes]:
+    """The header names a Connection value lists as hop-by-hop, lower-case,
+    besides those always dropped."""
+    options = _CONNECTION_OPTIONS.get(value)
+    if options is None:
+        options = frozenset(t.strip().lower() for t in value.split(b",")) - NOT_HEADER_NAMES
+        if len(_CONNECTION_OPTIONS) >= MAX_CACHED_NAMES:
+            _CONNECTION_OPTIONS.clear()
+        _CONNECTION_OPTIONS[value] = options
+    return options
+
+
+def without_listed(headers: list[Header], dropped: frozenset[bytes]) -> list[Header]:
     """Drop the headers that `Connection` names as hop-by-hop."""
-    connection_tokens -= HOP_BY_HOP
-    if not connection_tokens:
-        return headers
-    return [h for h in headers if header_name(h[0]).lower not in connection_tokens]
+    return [h for h in headers if header_name(h[0]).lower not in dropped]
 
 
 def origin_form(url: bytes, host: str, method: bytes) -> bytes:
@@ -230,7 +245,7 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
     kept: list[Header] = []
     length: bytes | None = None
     upgrade = b""
-    connection_tokens: set[bytes] | None = None
+    dropped = NOTHING
     for header in headers:
         name = header_name(header[0])
         if not name.response_checked:
@@ -239,11 +254,10 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
             length = header[1]
         elif name.key == "upgrade":
             upgrade = header[1]
-        elif name.key == "connection":
-            connection_tokens = connection_tokens or set()
-            connection_tokens.update(t.strip().lower() for t in header[1].split(b","))
-    if connection_tokens:
-        kept = without_listed(kept, connection_tokens)
+        elif name.key == "connection" and connection_options(header[1]):
+            dropped = dropped | connection_options(header[1])
+    if dropped:
+        kept = without_listed(kept, dropped)
     parts = [status_line(status)]
     append_lines(parts, kept)
     return parts, length, upgrade

@@ -32,6 +32,10 @@ IPBits = tuple[int, int]  # (IP version, address as int)
 Candidate = tuple[str, int, float]  # (version name, hash seed, 1 / weight)
 _Route = tuple[int, str, "ServiceRouter"]  # (service order, path prefix, router)
 HOST_CACHE_SIZE: Final = 4096  # distinct Host values whose candidate routes are remembered
+# A regex condition remembers its verdict on this many distinct values (the same few
+# User-Agent strings arrive over and over), each at most REGEX_CACHE_VALUE long.
+REGEX_CACHE_SIZE: Final = 1024
+REGEX_CACHE_VALUE: Final = 512
 
 _murmur3: Final = mmh3.hash  # (data, seed, signed) -> int
 # Maps a 32-bit hash h to u = (h + 0.5) * _UNIT_32, strictly inside (0, 1).
@@ -268,16 +272,28 @@ class FieldTest(Condition):
         self.field = field
         self.value = match.value
         self.regex = match.regex
+        self._verdicts: dict[str, bool] = {}  # value -> regex found in it
 
     def holds(self, req: RequestView) -> bool:
         value = self.field.read(req)
         if value is None:
             return False
         if self.regex is not None:
-            return self.regex.search(value) is not None
+            return self._search(value)
         if self.value is not None:
             return value == self.value
         return True  # present
+
+    def _search(self, value: str) -> bool:
+        found = self._verdicts.get(value)
+        if found is None:
+            assert self.regex is not None
+            found = self.regex.search(value) is not None
+            if len(value) <= REGEX_CACHE_VALUE:
+                if len(self._verdicts) >= REGEX_CACHE_SIZE:  # many distinct values: start over
+                    self._verdicts.clear()
+                self._verdicts[value] = found
+        return found
 
 
 class FromSource(Condition):

@@ -131,4 +131,19 @@ def test_response_lines_keep_end_to_end_headers_only() -> None:
     )
     assert b"".join(lines) == b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\n"
     assert length == b"12" and upgrade == b""
+
+
+def test_every_connection_header_names_what_is_dropped_each_time() -> None:
+    headers = [
+        (b"Connection", b"X-A"),
+        (b"connection", b"keep-alive, x-b"),
+        (b"X-A", b"1"),
+        (b"X-B", b"2"),
+        (b"X-C", b"3"),
+    ]
+    for _ in range(2):  # the second time, the Connection values are known ones
+        lines, _, _ = response_lines(200, headers)
+        assert b"".join(lines) == b"HTTP/1.1 200 OK\r\nX-C: 3\r\n"
+        request = head((b"Host", b"x"), *headers)
+        assert [name for name, _ in request.forwarded] == [b"Host", b"X-C"]
     assert status_line(599) == b"HTTP/1.1 599 Unknown\r\n"

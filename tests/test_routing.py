@@ -31,6 +31,8 @@ from proxy.config import (
     Version,
 )
 from proxy.routing import (
+    REGEX_CACHE_SIZE,
+    REGEX_CACHE_VALUE,
     RequestView,
     Router,
     ServiceRouter,
@@ -324,6 +326,19 @@ def test_header_regex_matches_anywhere_unless_anchored() -> None:
     assert not pinned(anywhere, view())
     assert not pinned(anchored, mobile)
     assert pinned(anchored, view({"user-agent": "Android"}))
+
+
+def test_regex_verdicts_stay_right_when_values_repeat_and_outgrow_the_cache() -> None:
+    router = rule_router(
+        Rule("canary", headers=(FieldMatch("user-agent", regex=re.compile("Android")),))
+    )
+    for round_ in range(2):  # the second round answers from remembered verdicts
+        for n in range(REGEX_CACHE_SIZE + 10):
+            agent = f"Mozilla/5.0 (Linux; {'Android' if n % 3 == 0 else 'X11'} {n})"
+            assert pinned(router, view({"user-agent": agent})) == (n % 3 == 0), (round_, n)
+    long_value = "x" * REGEX_CACHE_VALUE + "Android"  # too long to be remembered
+    assert pinned(router, view({"user-agent": long_value}))
+    assert pinned(router, view({"user-agent": long_value}))
 
 
 def test_header_present() -> None:
