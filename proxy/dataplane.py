@@ -21,7 +21,7 @@ from typing import Final, cast
 import httptools
 
 from . import errors
-from .config import Address, Limits, Timeouts
+from .config import Address, Config, Timeouts
 from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
     CHUNKED_END,
@@ -98,12 +98,17 @@ class RoutingTable:
 class DataPlane:
     """Shared by every client connection of one process."""
 
+    max_header_bytes: int
+    header_read_timeout: float
+    max_body_bytes: int
+    max_connections: int
+    idle_timeout: float
+
     def __init__(self, state: LiveState, metrics: Metrics) -> None:
         config = state.snapshot.config
         self.state = state
         self.metrics = metrics
-        self.limits: Limits = config.limits
-        self.idle_timeout = config.timeouts.idle
+        self._apply_limits(config)
         self.upstreams = Upstreams()
         self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
         self.connections: set[ClientConnection] = set()
@@ -128,8 +133,17 @@ class DataPlane:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
-        self.limits = snapshot.config.limits  # a reload may change them
-        self.idle_timeout = snapshot.config.timeouts.idle
+        self._apply_limits(snapshot.config)  # a reload may change them
+
+    def _apply_limits(self, config: Config) -> None:
+        # Copied into plain attributes: read per request, they are then native
+        # fields rather than attribute lookups on a config dataclass.
+        limits = config.limits
+        self.max_header_bytes = limits.max_header_bytes
+        self.header_read_timeout = limits.header_read_timeout
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_connections = limits.max_connections
+        self.idle_timeout = config.timeouts.idle
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)
@@ -203,7 +217,7 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        cap = self.plane.limits.max_connections
+        cap = self.plane.max_connections
         if cap and len(self.plane.connections) >= cap:
             self.transport.abort()  # over the cap: refuse at once rather than queue
             return
@@ -222,11 +236,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.refused:
             return
-        if self._in_head or self.current is None:
-            self._head_bytes += len(data)
         if self.current is None and not self._in_head:  # a new message starts at data[0]
+            if not self._head_bytes:  # its first bytes: the header read timeout runs from here
+                self.expires = self.plane.now + self.plane.header_read_timeout
             end = data.find(b"\r\n")
             self._version_hint = data[:end] if end > 0 else b""
+        if self._in_head or self.current is None:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -240,7 +256,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.refuse(self._parse_error(exc))
         else:
-            if self._in_head and self._head_bytes > self.plane.limits.max_header_bytes:
+            if self._in_head and self._head_bytes > self.plane.max_header_bytes:
                 self.refuse(errors.HeadersTooLarge("request header block too large"))
         # Exchanges start once the whole read is parsed: a malformed body that
         # arrived with its head is refused before anything goes upstream.
@@ -273,18 +289,18 @@ class ClientConnection(asyncio.Protocol):
             self.current.client_write_paused(False)
 
     # -- httptools callbacks ---------------------------------------------
-    def on_message_begin(self) -> None:
+    # No on_message_begin: every request line has a URL, so its first piece
+    # begins the message (one callback less per request).
+    def on_url(self, url: bytes) -> None:
+        if self._in_head:
+            self._url += url  # the rest of a URL split across reads
+            return
         if self.refused:
             return
-        self._url = b""
+        self._url = url
         self._headers = []
         self._in_head = True
         self._version_line, self._version_hint = self._version_hint, b""
-        if self.current is None:
-            self.expires = self.plane.now + self.plane.limits.header_read_timeout
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
@@ -292,7 +308,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # A trailer: not forwarded (bodies are re-framed), but bounded.
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.plane.limits.max_header_bytes:
+        if self._head_bytes > self.plane.max_header_bytes:
             self._pending_error = errors.HeadersTooLarge("request trailers too large")
             raise self._pending_error
 
@@ -300,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
         if self.refused:
             return
         self._in_head = False
-        limit = self.plane.limits.max_header_bytes
+        limit = self.plane.max_header_bytes
         if self._head_bytes > limit and self._head_size() > limit:
             self._pending_error = errors.HeadersTooLarge("request header block too large")
             raise self._pending_error
@@ -334,6 +350,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what trailers counted
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is not None and not self.refused:
             exchange.request_complete()
@@ -417,7 +434,7 @@ class ClientConnection(asyncio.Protocol):
         """Called by the ticker: act on what has waited too long."""
         if self.expires and now >= self.expires:
             self.expires = 0.0
-            if self._in_head:  # headers not complete in time: slow or stalled client
+            if self._in_head or self._head_bytes:  # a head not complete in time: slow client
                 self.refuse(errors.RequestTimeout("request headers not received in time"))
             elif self.current is None:  # idle keep-alive connection
                 self.close()
@@ -539,7 +556,7 @@ class Exchange:
             self.client.client_ip,
         )
         self._route(head.host, view)
-        limit = self.client.plane.limits.max_body_bytes
+        limit = self.client.plane.max_body_bytes
         length = head.headers.get("content-length")
         if limit and length is not None and int(length) > limit:
             raise errors.PayloadTooLarge(f"request body over {limit} bytes")
@@ -563,8 +580,8 @@ class Exchange:
             return
         if self.client.plane.draining:
             self.close_after = True
-        if self._chunked_request and self.client.plane.limits.max_body_bytes:
-            if self._body_bytes > self.client.plane.limits.max_body_bytes:
+        if self._chunked_request and self.client.plane.max_body_bytes:
+            if self._body_bytes > self.client.plane.max_body_bytes:
                 self._respond_error(self._too_large())
                 return
             if not self.request_done:
@@ -685,7 +702,7 @@ class Exchange:
             return
         self._body_buffer.append(chunk)
         self._buffered += len(chunk)
-        limit = self.client.plane.limits.max_body_bytes
+        limit = self.client.plane.max_body_bytes
         if limit and self._body_bytes > limit:  # only chunked bodies get here
             self.error = self._too_large()
             if self.client.current is self:
@@ -695,7 +712,7 @@ class Exchange:
 
     def _too_large(self) -> ProxyError:
         self._body_buffer.clear()
-        limit = self.client.plane.limits.max_body_bytes
+        limit = self.client.plane.max_body_bytes
         return errors.PayloadTooLarge(f"request body over {limit} bytes")
 
     def request_complete(self) -> None:

@@ -287,6 +287,15 @@ def drip(
         closed_at[sock] = now
 
 
+def test_a_request_line_stalled_in_its_method_gets_408(proxy: ProxyProcess) -> None:
+    """The header read timeout runs from a message's first byte, even before its URL."""
+    with socket.create_connection(("127.0.0.1", proxy.data_port)) as sock:
+        sock.sendall(b"GE")
+        reply, closed, waited = read_until_close(sock, timeout=4)
+    assert closed and waited < 2.5, (reply, waited)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+
+
 def test_silent_connection_is_closed_in_time(proxy: ProxyProcess) -> None:
     """A connection that never sends a byte is not held longer than the idle
     timeout (1 s here)."""
