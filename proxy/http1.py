@@ -37,8 +37,9 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {
 CHECKED_REQUEST_HEADERS: Final = frozenset(
     {b"host", b"transfer-encoding", b"connection", b"expect"}
 )
-# Response headers the proxy reads or replaces rather than copies.
+# Response headers the proxy reads or replaces rather than copies, and their lengths.
 CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
+CHECKED_RESPONSE_LENGTHS: Final = frozenset(len(name) for name in CHECKED_RESPONSE_HEADERS)
 # RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
 VALID_HOST: Final = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -242,22 +243,29 @@ def append_lines(parts: list[bytes], headers: list[Header]) -> None:
 def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], bytes | None, bytes]:
     """The status line and the end-to-end header lines of an upstream response,
     as pieces to join, its Content-Length (None if absent) and its Upgrade."""
-    kept: list[Header] = []
+    parts = [status_line(status)]
     length: bytes | None = None
     upgrade = b""
     dropped = NOTHING
     for header in headers:
-        name = header_name(header[0])
-        if not name.response_checked:
-            kept.append(header)
-        elif name.key == "content-length":
-            length = header[1]
-        elif name.key == "upgrade":
-            upgrade = header[1]
-        elif name.key == "connection" and connection_options(header[1]):
-            dropped = dropped | connection_options(header[1])
-    if dropped:
-        kept = without_listed(kept, dropped)
-    parts = [status_line(status)]
-    append_lines(parts, kept)
+        raw, value = header
+        # Most names cannot be a checked one by their length alone: copied without a lookup.
+        if len(raw) in CHECKED_RESPONSE_LENGTHS:
+            name = header_name(raw)
+            if name.response_checked:
+                if name.key == "content-length":
+                    length = value
+                elif name.key == "upgrade":
+                    upgrade = value
+                elif name.key == "connection" and connection_options(value):
+                    dropped = dropped | connection_options(value)
+                continue
+        parts.append(raw)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    if dropped:  # rare: Connection lists end-to-end names; build the lines again without them
+        kept = [h for h in headers if not header_name(h[0]).response_checked]
+        parts = [parts[0]]
+        append_lines(parts, without_listed(kept, dropped))
     return parts, length, upgrade
