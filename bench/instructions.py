@@ -9,10 +9,12 @@ difference divided by the extra requests: the startup cost cancels out.
     python -m bench.instructions                       # this tree
     python -m bench.instructions --source /tmp/base    # another checkout, e.g. the previous commit
     python -m bench.instructions --functions 20        # and where they go, per compiled function
+    python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
 
-Counts are user-space instructions of the proxy process (the kernel's share of
-the socket calls is not in them). Same binary, same inputs: the same count,
-within a few hundred instructions.
+It sends what `make bench` sends (wrk's request head, the realistic config,
+nginx's response head). Counts are user-space instructions of the proxy process
+(the kernel's share of the socket calls is not in them). The proxy runs with
+PYTHONHASHSEED=0: same binary, same inputs, the same count on every run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.configs import REALISTIC, USER_AGENT, Upstreams, grayproxy_yaml
+from bench.configs import USER_AGENT, Shape, Upstreams, grayproxy_yaml
 from bench.procs import free_ports, is_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 23:30:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nhello\n"
 )
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: %s\r\nx-user-id: user-%d\r\n\r\n"
+REQUEST = "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\nx-user-id: user-{user}\r\n\r\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also the N costliest compiled functions, inclusive, per request",
     )
+    parser.add_argument(
+        "--services", type=int, default=1, help="services, the last one requested by Host (1)"
+    )
+    parser.add_argument("--endpoints", type=int, default=1, help="endpoints per version (1)")
+    parser.add_argument(
+        "--rules", type=int, default=0, help="unmatched rules (0: the four realistic ones)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
-    upstream_port = start_upstream()
-    few, few_functions = instructions(args.source, upstream_port, 200)
-    many, many_functions = instructions(args.source, upstream_port, 200 + args.requests)
+    shape = Shape(args.services, args.endpoints, args.rules, gateway=args.services > 1)
+    ports = start_upstreams(args.endpoints)
+    few, few_functions = instructions(args.source, ports, shape, 200)
+    many, many_functions = instructions(args.source, ports, shape, 200 + args.requests)
     per_request = (many - few) / args.requests
     print(f"{args.source}: {per_request:,.0f} instructions per request")
     costs = {
@@ -74,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_upstream() -> int:
-    """A minimal keep-alive HTTP/1.1 server in a thread: one fixed answer per request."""
-    (port,) = free_ports(1)
+def start_upstreams(count: int) -> tuple[int, ...]:
+    """Minimal keep-alive HTTP/1.1 servers in a thread: one fixed answer per request."""
+    ports = tuple(free_ports(count))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -86,23 +96,26 @@ def start_upstream() -> int:
             writer.close()
 
     async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        await server.serve_forever()
+        for port in ports:
+            await asyncio.start_server(handle, "127.0.0.1", port)
+        await asyncio.Event().wait()
 
     threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
-    while not is_listening(port):
+    while not all(is_listening(port) for port in ports):
         time.sleep(0.05)
-    return port
+    return ports
 
 
-def instructions(source: Path, upstream_port: int, requests: int) -> tuple[int, dict[str, int]]:
+def instructions(
+    source: Path, ports: tuple[int, ...], shape: Shape, requests: int
+) -> tuple[int, dict[str, int]]:
     """Total instructions of one proxy run that served `requests` requests, and
     those of each compiled function, callees included."""
     data, control = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
-        upstreams = Upstreams(stable=(upstream_port,), canary=(upstream_port,))
-        config.write_text(grayproxy_yaml(data, control, upstreams, REALISTIC))
+        upstreams = Upstreams(stable=ports, canary=ports)
+        config.write_text(grayproxy_yaml(data, control, upstreams, shape))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",
@@ -128,17 +141,17 @@ def instructions(source: Path, upstream_port: int, requests: int) -> tuple[int, 
                 if time.monotonic() > deadline or proxy.poll() is not None:
                     raise RuntimeError("grayproxy did not start under valgrind")
                 time.sleep(0.2)
-            send_requests(data, requests)
+            send_requests(data, shape.host or "127.0.0.1", requests)
         finally:
             proxy.terminate()
             proxy.wait(120)
         return read_total(out.read_text(errors="replace")), compiled_functions(out)
 
 
-def send_requests(port: int, count: int) -> None:
+def send_requests(port: int, host: str, count: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         for user in range(count):
-            sock.sendall(REQUEST % (USER_AGENT.encode(), user))
+            sock.sendall(REQUEST.format(host=host, agent=USER_AGENT, user=user).encode())
             received = b""
             while not received.endswith(b"hello\n"):
                 chunk = sock.recv(65536)
