@@ -185,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "plane",
         "queue",
+        "reading_paused",
         "refused",
         "transport",
         "tunnel",
@@ -205,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self.expires = 0.0  # when the idle or header-read wait times out; 0: not waiting
         self.refused = False  # a request was refused: nothing more is read or parsed
+        self.reading_paused = False
         self._pending_error: ProxyError | None = None  # raised from a parser callback
         # The first line of a read that starts a message, and that line once the
         # message began: see request_version.
@@ -248,8 +250,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             # The parser stops at an upgrade request; what follows belongs to
             # the tunnel, if the upstream agrees to one.
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self._pause()
             exchange = self.queue[-1] if self.queue else self.current
             if exchange is not None:
                 exchange.early_data = data[exc.args[0] :]
@@ -326,8 +327,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange.error is not None and exchange.error.status in CLOSING_STATUSES:
             self.refused = True  # nothing after a refused request is read
             exchange.close_after = exchange.request_done = True
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self._pause()
         self._enqueue(exchange)
 
     def request_version(self) -> str:
@@ -361,8 +361,7 @@ class ClientConnection(asyncio.Protocol):
             self.current = exchange  # started by data_received once the read is parsed
         else:
             self.queue.append(exchange)
-            if self.transport is not None:
-                self.transport.pause_reading()
+            self._pause()
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
         """Called by the current exchange once its response is fully written."""
@@ -374,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
             self.current = self.queue.popleft()
             self.current.start()
             return
-        self.transport.resume_reading()
+        self._resume()
         self.expires = self.plane.now + self.plane.idle_timeout
 
     def refuse(self, error: ProxyError) -> None:
@@ -382,8 +381,7 @@ class ClientConnection(asyncio.Protocol):
         nothing more is read."""
         self.refused = True
         self._in_head = False
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause()
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is not None and not exchange.request_done:
             exchange.refuse(error)  # its own body is malformed
@@ -415,8 +413,7 @@ class ClientConnection(asyncio.Protocol):
     def start_tunnel(self, upstream: UpstreamConnection) -> None:
         self.expires = 0.0
         self.tunnel = upstream
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self._resume()
 
     def close_if_idle(self) -> None:
         if self.current is None and not self._in_head:
@@ -426,9 +423,20 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if paused:
-            self.transport.pause_reading()
+            self._pause()
         elif self.current is not None and not self.queue:
+            self._resume()
+
+    # Reading is rarely paused: tracking it saves a resume call per request.
+    def _pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def _resume(self) -> None:
+        if self.transport is not None and self.reading_paused:
             self.transport.resume_reading()
+            self.reading_paused = False
 
     def check_timeouts(self, now: float) -> None:
         """Called by the ticker: act on what has waited too long."""
@@ -462,7 +470,7 @@ class Exchange:
         "head",
         "head_request",
         "http10",
-        "idempotent",
+        "method",
         "observed",
         "pool",
         "request_done",
@@ -510,7 +518,7 @@ class Exchange:
         self._chunked_response = False
         self.head = b""
         self.head_request = method == b"HEAD"
-        self.idempotent = method in IDEMPOTENT_METHODS
+        self.method = method
         self.want_continue = False
         self.upgrade: bytes | None = None  # the Upgrade asked for (WebSocket)
         self.early_data = b""  # bytes the client sent after its upgrade request
@@ -557,7 +565,7 @@ class Exchange:
         )
         self._route(head.host, view)
         limit = self.client.plane.max_body_bytes
-        length = head.headers.get("content-length")
+        length = head.content_length
         if limit and length is not None and int(length) > limit:
             raise errors.PayloadTooLarge(f"request body over {limit} bytes")
         self.head = upstream_head(method, target, head, self.client.forwarded_for, self.upgrade)
@@ -845,7 +853,7 @@ class Exchange:
         self._upstream_error(error)
 
     def _replayable(self) -> bool:
-        return self.idempotent and self.request_done and self._body_bytes == 0
+        return self.method in IDEMPOTENT_METHODS and self.request_done and self._body_bytes == 0
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.client.pause_reading(paused)

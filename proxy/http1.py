@@ -89,17 +89,17 @@ Header = tuple[bytes, bytes]
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
-    __slots__ = ("chunked", "forwarded", "headers", "host", "want_continue")
+    __slots__ = ("chunked", "content_length", "forwarded", "headers", "host", "want_continue")
 
     def __init__(self, raw_headers: list[Header], http10: bool) -> None:
-        self.forwarded: list[Header] = []  # the header lines to pass on, as received
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
         self.chunked = False
         self.want_continue = False
         host: str | None = None
         dropped = NOTHING  # what Connection names beyond HOP_BY_HOP
+        forwarded: list[Header] | None = None  # None while every line so far is passed on
         headers = self.headers
-        for header in raw_headers:
+        for index, header in enumerate(raw_headers):
             raw_value = header[1]
             name = header_name(header[0])
             text = raw_value.decode("latin-1")
@@ -117,13 +117,19 @@ class RequestHead:
                 headers[key] += ("; " if key == "cookie" else ", ") + text
             else:
                 headers[key] = text
-            if name.forwarded:
-                self.forwarded.append(header)
+            if not name.forwarded:
+                if forwarded is None:
+                    forwarded = raw_headers[:index]
+            elif forwarded is not None:
+                forwarded.append(header)
+        # The header lines to pass on, as received.
+        self.forwarded = raw_headers if forwarded is None else forwarded
         if dropped:
             self.forwarded = without_listed(self.forwarded, dropped)
         if host is None and not http10:
             raise errors.BadRequest("missing Host header")
         self.host = host or ""
+        self.content_length = headers.get("content-length")
 
 
 # Hosts already found valid, with the X-Forwarded-Host line each is sent
@@ -225,8 +231,8 @@ def upstream_head(
         parts.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
-    elif "content-length" in head.headers:
-        parts.append(b"content-length: " + head.headers["content-length"].encode() + b"\r\n")
+    elif head.content_length is not None:
+        parts.append(b"content-length: " + head.content_length.encode() + b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
