@@ -416,8 +416,12 @@ class ClientConnection(asyncio.Protocol):
         self._resume()
 
     def close_if_idle(self) -> None:
-        if self.current is None and not self._in_head:
+        if self.current is None and not self._head_started():
             self.close()
+
+    def _head_started(self) -> bool:
+        """Bytes of a request head arrived (its URL may not have yet) and it is not complete."""
+        return self._in_head or self._head_bytes > 0
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -442,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
         """Called by the ticker: act on what has waited too long."""
         if self.expires and now >= self.expires:
             self.expires = 0.0
-            if self._in_head or self._head_bytes:  # a head not complete in time: slow client
+            if self._head_started():  # a head not complete in time: slow client
                 self.refuse(errors.RequestTimeout("request headers not received in time"))
             elif self.current is None:  # idle keep-alive connection
                 self.close()

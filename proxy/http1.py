@@ -109,8 +109,8 @@ class RequestHead:
                     host = check_host(text, host)
                 elif key == "transfer-encoding":
                     self.chunked = check_transfer_encoding(raw_value, key in headers)
-                elif key == "connection" and connection_options(raw_value):
-                    dropped = dropped | connection_options(raw_value)
+                elif key == "connection":
+                    dropped = add_connection_options(dropped, raw_value)
                 elif raw_value.lower() == b"100-continue":
                     self.want_continue = True
             if key in headers:
@@ -175,16 +175,16 @@ _CONNECTION_OPTIONS: Final[dict[bytes, frozenset[bytes]]] = {}
 NOT_HEADER_NAMES: Final = HOP_BY_HOP | {b"close"}
 
 
-def connection_options(value: bytes) -> frozenset[bytes]:
-    """The header names a Connection value lists as hop-by-hop, lower-case,
-    besides those always dropped."""
+def add_connection_options(dropped: frozenset[bytes], value: bytes) -> frozenset[bytes]:
+    """`dropped` plus the header names a Connection value lists as hop-by-hop,
+    lower-case, besides those always dropped (`dropped` itself when none)."""
     options = _CONNECTION_OPTIONS.get(value)
     if options is None:
         options = frozenset(t.strip().lower() for t in value.split(b",")) - NOT_HEADER_NAMES
         if len(_CONNECTION_OPTIONS) >= MAX_CACHED_NAMES:
             _CONNECTION_OPTIONS.clear()
         _CONNECTION_OPTIONS[value] = options
-    return options
+    return dropped | options if options else dropped
 
 
 def without_listed(headers: list[Header], dropped: frozenset[bytes]) -> list[Header]:
@@ -263,8 +263,8 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
                     length = value
                 elif name.key == "upgrade":
                     upgrade = value
-                elif name.key == "connection" and connection_options(value):
-                    dropped = dropped | connection_options(value)
+                elif name.key == "connection":
+                    dropped = add_connection_options(dropped, value)
                 continue
         parts.append(raw)
         parts.append(b": ")
