@@ -174,10 +174,11 @@ class ClientConnection(asyncio.Protocol):
         "_head_bytes",
         "_headers",
         "_in_head",
+        "_line_end",
+        "_message_read",
         "_pending_error",
+        "_read_hint",
         "_url",
-        "_version_hint",
-        "_version_line",
         "client_ip",
         "current",
         "expires",
@@ -208,10 +209,11 @@ class ClientConnection(asyncio.Protocol):
         self.refused = False  # a request was refused: nothing more is read or parsed
         self.reading_paused = False
         self._pending_error: ProxyError | None = None  # raised from a parser callback
-        # The first line of a read that starts a message, and that line once the
-        # message began: see request_version.
-        self._version_hint = b""
-        self._version_line = b""
+        # A read that starts with a new message, that read once the message
+        # began, and where its request line ends in it: see _request_line_end.
+        self._read_hint = b""
+        self._message_read = b""
+        self._line_end = 0
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} busy={self.current is not None}>"
@@ -241,8 +243,7 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None and not self._in_head:  # a new message starts at data[0]
             if not self._head_bytes:  # its first bytes: the header read timeout runs from here
                 self.expires = self.plane.now + self.plane.header_read_timeout
-            end = data.find(b"\r\n")
-            self._version_hint = data[:end] if end > 0 else b""
+            self._read_hint = data
         if self._in_head or self.current is None:
             self._head_bytes += len(data)
         try:
@@ -301,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = url
         self._headers = []
         self._in_head = True
-        self._version_line, self._version_hint = self._version_hint, b""
+        self._message_read, self._read_hint = self._read_hint, b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
@@ -323,7 +324,10 @@ class ClientConnection(asyncio.Protocol):
             raise self._pending_error
         self._head_bytes = 0
         self.expires = 0.0
-        exchange = Exchange(self, self.parser.get_method(), self._url, self._headers)
+        method = self.parser.get_method()
+        self._line_end = self._request_line_end(method, self._url)
+        exchange = Exchange(self, method, self._url, self._headers)
+        self._message_read = b""  # read by the exchange's _prepare; not kept longer
         if exchange.error is not None and exchange.error.status in CLOSING_STATUSES:
             self.refused = True  # nothing after a refused request is read
             exchange.close_after = exchange.request_done = True
@@ -334,12 +338,37 @@ class ClientConnection(asyncio.Protocol):
         """The HTTP version of the message whose head just completed.
 
         httptools formats it into a new str on every call (about 0.5 us), so the
-        common case reads it off the request line instead: a message that began
-        at the start of a read, on an idle connection, whose first line ends in
-        " HTTP/1.1" is HTTP/1.1 (llhttp accepts nothing after the version)."""
-        if self._version_line.endswith(b" HTTP/1.1"):
+        common case reads it off the request line instead (see _request_line_end)."""
+        if self._line_end:
             return "1.1"
         return str(self.parser.get_http_version())
+
+    def verbatim_head(self) -> bytes:
+        """The request line and header lines of the message whose head just
+        completed, as received, each ending in CRLF: when they came whole in
+        the read the message began with and the request line is as it would be
+        rebuilt; b"" otherwise. Sending them on as they are saves rebuilding the
+        head from a piece per name, separator and value when nothing changes."""
+        if not self._line_end:
+            return b""
+        end = self._message_read.find(b"\r\n\r\n", self._line_end)  # the head's first empty line
+        return self._message_read[: end + 2] if end > 0 else b""
+
+    def _request_line_end(self, method: bytes, url: bytes) -> int:
+        """Where the request line ends when the read the message began with
+        starts with exactly `method SP url SP "HTTP/1.1" CRLF`; 0 otherwise.
+
+        That read came on an idle connection, but an earlier read may have left
+        the first bytes of the method in the parser: the read must start with
+        the whole method. A request line holds no CR or LF, so the CRLF found
+        where such a line would end is the line's own: with more spaces, leading
+        empty lines, a URL split across reads or another version, the bytes
+        there differ and the answer is 0."""
+        read = self._message_read
+        end = len(method) + len(url) + 10
+        if read[end - 9 : end + 2] == b" HTTP/1.1\r\n" and read.startswith(method):
+            return end
+        return 0
 
     def _head_size(self) -> int:
         return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
@@ -572,7 +601,11 @@ class Exchange:
         length = head.content_length
         if limit and length is not None and int(length) > limit:
             raise errors.PayloadTooLarge(f"request body over {limit} bytes")
-        self.head = upstream_head(method, target, head, self.client.forwarded_for, self.upgrade)
+        unchanged = head.unchanged and target is url
+        verbatim = self.client.verbatim_head() if unchanged else b""
+        self.head = upstream_head(
+            method, target, head, self.client.forwarded_for, self.upgrade, verbatim
+        )
 
     def _route(self, host: str, view: RequestView) -> None:
         table = self.client.plane.table

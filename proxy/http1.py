@@ -89,7 +89,15 @@ Header = tuple[bytes, bytes]
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
-    __slots__ = ("chunked", "content_length", "forwarded", "headers", "host", "want_continue")
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "forwarded",
+        "headers",
+        "host",
+        "unchanged",
+        "want_continue",
+    )
 
     def __init__(self, raw_headers: list[Header], http10: bool) -> None:
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
@@ -122,8 +130,9 @@ class RequestHead:
                     forwarded = raw_headers[:index]
             elif forwarded is not None:
                 forwarded.append(header)
-        # The header lines to pass on, as received.
+        # The header lines to pass on, as received; all of them, unchanged, is the common case.
         self.forwarded = raw_headers if forwarded is None else forwarded
+        self.unchanged = forwarded is None and not dropped
         if dropped:
             self.forwarded = without_listed(self.forwarded, dropped)
         if host is None and not http10:
@@ -213,12 +222,23 @@ def forwarded_for_lines(client_ip: str) -> bytes:
 
 
 def upstream_head(
-    method: bytes, target: bytes, head: RequestHead, forwarded_for: bytes, upgrade: bytes | None
+    method: bytes,
+    target: bytes,
+    head: RequestHead,
+    forwarded_for: bytes,
+    upgrade: bytes | None,
+    verbatim: bytes = b"",
 ) -> bytes:
     """The request head sent upstream, framed for the body as received;
-    `forwarded_for` is forwarded_for_lines(the client's address)."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    append_lines(parts, head.forwarded)
+    `forwarded_for` is forwarded_for_lines(the client's address). `verbatim`,
+    if given, is the request line and header lines as received, to be sent as
+    they are: only when `head.unchanged`, the target is in origin form and the
+    request line says HTTP/1.1."""
+    if verbatim:
+        parts = [verbatim]
+    else:
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        append_lines(parts, head.forwarded)
     xff = head.headers.get("x-forwarded-for")
     if xff:  # extend the client's list
         parts.append(b"x-forwarded-for: " + xff.encode("latin-1") + b", ")

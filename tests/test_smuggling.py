@@ -115,6 +115,38 @@ def test_each_pipelined_request_is_answered_in_its_own_version(
     assert keep_alive == [False, True, False], reply
 
 
+def test_a_head_with_nothing_to_change_goes_upstream_as_received(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    """Nothing to drop or re-frame: the request line and header lines go upstream
+    as the client wrote them, spacing included, then the forwarding headers.
+    Whatever else is rebuilt from the parsed head: a head split over two reads
+    (in its method too), after an empty line, with a doubled space, or pipelined
+    after another."""
+    head = b"GET /v?q=1 HTTP/1.1\r\nHost: x\r\nX-Spaced:   a  b \r\nx-user-id: u1\r\n"
+    rebuilt = head.replace(b"X-Spaced:   ", b"X-Spaced: ")
+    forwarding = (
+        b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: x\r\n\r\n"
+    )
+    cases = [
+        (head + b"\r\n", head),
+        (head + b"\r\n\r\n\r\n", head),  # empty lines after a message are skipped
+        ([head, b"\r\n"], rebuilt),
+        # The method's first bytes in one read, the rest (spaced so that the line
+        # would seem to end where a plain one does) in the next.
+        ([b"GE", b"T   " + head[4:] + b"\r\n"], rebuilt),
+        (b"\r\n" + head + b"\r\n", rebuilt),
+        (head.replace(b"GET ", b"GET  ") + b"\r\n", rebuilt),
+        (head + b"\r\n" + head + b"\r\n", head + forwarding + rebuilt),
+    ]
+    for sent, expected in cases:
+        before = len(upstream.raw)
+        reply, _ = exchange(proxy.data_port, sent, timeout=0.5)
+        assert {r.status for r in parse_responses(reply)} == {200}, (sent, reply)
+        assert bytes(upstream.raw[before:]) == expected + forwarding, sent
+    assert not upstream.errors, upstream.errors
+
+
 def test_absolute_form_to_the_same_host_is_forwarded_in_origin_form(
     proxy: ProxyProcess, upstream: RecordingUpstream
 ) -> None:
