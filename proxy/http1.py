@@ -39,7 +39,8 @@ CHECKED_REQUEST_HEADERS: Final = frozenset(
 )
 # Response headers the proxy reads or replaces rather than copies, and their lengths.
 CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
-CHECKED_RESPONSE_LENGTHS: Final = frozenset(len(name) for name in CHECKED_RESPONSE_HEADERS)
+# Bit n set: some checked name is n bytes long (all are shorter than 63).
+CHECKED_RESPONSE_LENGTHS: Final = sum(1 << size for size in set(map(len, CHECKED_RESPONSE_HEADERS)))
 # RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
 VALID_HOST: Final = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -275,8 +276,7 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
     dropped = NOTHING
     for header in headers:
         raw, value = header
-        # Most names cannot be a checked one by their length alone: copied without a lookup.
-        if len(raw) in CHECKED_RESPONSE_LENGTHS:
+        if _may_be_checked(raw):  # else copied without a lookup
             name = header_name(raw)
             if name.response_checked:
                 if name.key == "content-length":
@@ -295,3 +295,9 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
         parts = [parts[0]]
         append_lines(parts, without_listed(kept, dropped))
     return parts, length, upgrade
+
+
+def _may_be_checked(raw_name: bytes) -> bool:
+    """Whether a response header name is as long as one the proxy checks (most are not)."""
+    size = len(raw_name)
+    return size < 63 and (CHECKED_RESPONSE_LENGTHS >> size) & 1 == 1
