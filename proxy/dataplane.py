@@ -183,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
         "current",
         "expires",
         "forwarded_for",
+        "outgoing",
         "parser",
         "plane",
         "queue",
@@ -214,6 +215,9 @@ class ClientConnection(asyncio.Protocol):
         self._read_hint = b""
         self._message_read = b""
         self._line_end = 0
+        # Response bytes for the client, written once per upstream read: the
+        # exchanges answer one at a time, so they share it.
+        self.outgoing: list[bytes] = []
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.client_ip} busy={self.current is not None}>"
@@ -540,11 +544,11 @@ class Exchange:
         self.upstream_closes = False
         self.request_done = False
         self.close_after = False
-        self._body_buffer: list[bytes] = []
+        self._body_buffer: list[bytes] | None = None  # created by _hold: most requests have no body
         self._buffered = 0
         self._body_bytes = 0
         self._last_read = 0.0  # 0: not waiting for the upstream
-        self._out: list[bytes] = []  # response bytes for the client, written once per upstream read
+        self._out = client.outgoing
         self._pending: asyncio.Task[None] | None = None
         self._tried: tuple[EndpointPool, ...] = ()
         self.pool: EndpointPool | None = None  # the endpoint serving this request
@@ -716,7 +720,7 @@ class Exchange:
         data = self.head
         if self._body_buffer:  # what arrived of the body before the connection
             data += b"".join(self._body_buffer)
-            self._body_buffer.clear()
+            self._body_buffer = None
             self._buffered = 0
         conn.start(self, data, self.head_request)
         if self.request_done:
@@ -745,8 +749,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.write(chunk)
             return
-        self._body_buffer.append(chunk)
-        self._buffered += len(chunk)
+        self._hold(chunk)
         limit = self.client.plane.max_body_bytes
         if limit and self._body_bytes > limit:  # only chunked bodies get here
             self.error = self._too_large()
@@ -755,8 +758,15 @@ class Exchange:
         elif self._buffered > PAUSE_BUFFER_BYTES and not limit:
             self.client.pause_reading(True)
 
+    def _hold(self, chunk: bytes) -> None:
+        """Keep a piece of the body until an upstream connection takes it."""
+        if self._body_buffer is None:
+            self._body_buffer = []
+        self._body_buffer.append(chunk)
+        self._buffered += len(chunk)
+
     def _too_large(self) -> ProxyError:
-        self._body_buffer.clear()
+        self._body_buffer = None
         limit = self.client.plane.max_body_bytes
         return errors.PayloadTooLarge(f"request body over {limit} bytes")
 
@@ -768,7 +778,7 @@ class Exchange:
             if self.upstream is not None:
                 self.upstream.write(CHUNKED_END)
             else:
-                self._body_buffer.append(CHUNKED_END)
+                self._hold(CHUNKED_END)
         if self.upstream is not None:
             self._request_sent()
         elif self.started and self._pending is None and self.client.current is self:

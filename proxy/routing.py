@@ -109,10 +109,14 @@ class RequestView:
         return bits
 
 
+# What a request without cookies has: shared, never written to.
+_NO_COOKIES: Final[dict[str, str]] = {}
+
+
 def _parse_cookies(header: str | None) -> dict[str, str]:
-    cookies: dict[str, str] = {}
     if not header:
-        return cookies
+        return _NO_COOKIES
+    cookies: dict[str, str] = {}
     for pair in header.split(";"):
         name, equals, value = pair.partition("=")
         name = name.strip()
