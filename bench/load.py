@@ -150,28 +150,70 @@ def probe_request(host: str, user: int) -> bytes:
     ).encode()
 
 
-def probe_latency(port: int, host: str, count: int, rate: float, warmup: int = 50) -> float:
-    """p50 in ms of `count` sequential keep-alive GETs on one connection, paced at `rate`/s.
+def probe_latencies(
+    targets: Sequence[tuple[int, str]], count: int, rate: float, warmup: int = 50
+) -> list[float | Exception]:
+    """p50 in ms of `count` sequential keep-alive GETs to each target (port, Host header),
+    on one connection each, paced at `rate`/s per target; or the error that ended its probe.
 
-    At a low rate the proxy is idle between requests, so this is the latency it adds to one
-    request, not a queueing figure. Raises OSError or ValueError if a response is not a 200.
+    At a low rate a proxy is idle between requests, so this is the latency it adds to one
+    request, not a queueing figure. The targets take turns request by request (who goes
+    first rotates): a slow spell of the machine, seconds long, then hits every target
+    alike, and their differences, the figures compared, hold.
     """
     interval = 1.0 / rate
-    samples = []
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = ResponseReader(sock)
+    probes = [_Probe(port, host) for port, host in targets]
+    try:
         start = time.perf_counter()
         for index in range(warmup + count):
             time.sleep(max(0.0, start + index * interval - time.perf_counter()))
+            for turn in range(len(probes)):
+                probes[(index + turn) % len(probes)].send(index, keep=index >= warmup)
+    finally:
+        for probe in probes:
+            probe.close()
+    return [probe.result() for probe in probes]
+
+
+class _Probe:
+    """One target's probe connection and its samples; stops at its first error."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.host = host
+        self.samples: list[int] = []
+        self.error: Exception | None = None
+        self.sock: socket.socket | None = None
+        try:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            self.error = exc
+            return
+        self.reader = ResponseReader(self.sock)
+
+    def send(self, index: int, keep: bool) -> None:
+        if self.sock is None or self.error is not None:
+            return
+        try:
             sent = time.perf_counter_ns()
-            sock.sendall(probe_request(host, index))
-            status, _, _ = reader.read()
+            self.sock.sendall(probe_request(self.host, index))
+            status, _, _ = self.reader.read()
             if status != 200:
                 raise ValueError(f"probe got status {status}")
-            if index >= warmup:
-                samples.append(time.perf_counter_ns() - sent)
-    return statistics.median(samples) / 1e6
+        except (OSError, ValueError) as exc:
+            self.error = exc
+            return
+        if keep:
+            self.samples.append(time.perf_counter_ns() - sent)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def result(self) -> float | Exception:
+        if self.error is not None:
+            return self.error
+        return statistics.median(self.samples) / 1e6
 
 
 def check_answers(port: int, host: str) -> str:

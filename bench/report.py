@@ -334,7 +334,8 @@ def _describe(meta: Row) -> str:
         f"(series {meta['series_seconds']:g} s), wrk {meta['connections']} connections / "
         f"{meta['threads']} thread(s), {meta['users']} distinct x-user-id · "
         f"proxy workers {meta['workers']} · probe {meta['probe_requests']} requests at "
-        f"{meta['probe_rate']:g}/s on one keep-alive connection\n\n"
+        f"{meta['probe_rate']:g}/s per target on one keep-alive connection each, the targets "
+        "taking turns\n\n"
         f"{meta['versions']} · load average before the run {meta['load_average']}"
     )
 

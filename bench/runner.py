@@ -278,17 +278,41 @@ def warm_up(run: Run, say: Say) -> None:
 
 def measure_round(run: Run, round_index: int, group: str, say: Say) -> None:
     targets = [target for target in run.targets if target.group == group and target.alive]
+    measured = []
     for target in interleaved(targets, round_index):
         seconds = run.settings.seconds if group == "main" else run.settings.series_seconds
         try:
-            metrics = measure(run, target, seconds, probe=group == "main")
+            metrics = measure(run, target, seconds)
         except (load.LoadError, OSError, ValueError) as exc:
             target.failures.append(f"round {round_index + 1}: {exc}")
             say(f"  {target.name}: failed: {exc}")
             _notice_death(run, target, say)
             continue
         target.rounds.append(metrics)
+        measured.append(target)
         say(f"  {target.name:32} {_one_line(metrics)}")
+    if group == "main" and measured:
+        probe_round(run, round_index, measured, say)
+
+
+def probe_round(run: Run, round_index: int, targets: Sequence[Target], say: Say) -> None:
+    """The low-rate probe of the round's targets, all at once (see load.probe_latencies);
+    each result goes into the target's last round."""
+    results = load.probe_latencies(
+        [(target.port, target.host_header) for target in targets],
+        run.settings.probe_requests,
+        run.settings.probe_rate,
+    )
+    shown = []
+    for target, result in zip(targets, results, strict=True):
+        if isinstance(result, Exception):
+            target.failures.append(f"round {round_index + 1}: probe: {result}")
+            say(f"  {target.name}: probe failed: {result}")
+            _notice_death(run, target, say)
+            continue
+        target.rounds[-1]["probe_p50_ms"] = result
+        shown.append(f"{target.name} {result:.3f}")
+    say(f"  low-rate p50 ms: {', '.join(shown)}")
 
 
 def _notice_death(run: Run, target: Target, say: Say) -> None:
@@ -303,13 +327,11 @@ def _one_line(metrics: Metrics) -> str:
     parts = [f"{metrics['requests_per_s'] or 0:9.0f} req/s", f"p99 {metrics['p99_ms'] or 0:.2f} ms"]
     if metrics.get("cpu_s_per_10k") is not None:
         parts.append(f"{metrics['cpu_s_per_10k']:.3f} CPU-s/10k")
-    if metrics.get("probe_p50_ms") is not None:
-        parts.append(f"low-rate p50 {metrics['probe_p50_ms']:.3f} ms")
     return ", ".join(parts)
 
 
-def measure(run: Run, target: Target, seconds: float, probe: bool) -> Metrics:
-    """One wrk run (and, for the main comparison, one probe) of one target."""
+def measure(run: Run, target: Target, seconds: float) -> Metrics:
+    """One wrk run of one target (the round's probe fills in probe_p50_ms)."""
     stable, canary = run.upstreams.stable[0], run.upstreams.canary[0]
     served_before = (load.served_requests(stable), load.served_requests(canary))
     cpu_before = target.proc.cpu_seconds() if target.proc else None
@@ -346,10 +368,6 @@ def measure(run: Run, target: Target, seconds: float, probe: bool) -> Metrics:
         metrics["client_core_busy"], _ = core_shares(cores_before, cores_after, CLIENT_CORE)
     if target.proc is not None and sum(served) > 0:
         metrics["canary_share"] = served[1] / sum(served)
-    if probe:
-        metrics["probe_p50_ms"] = load.probe_latency(
-            target.port, target.host_header, run.settings.probe_requests, run.settings.probe_rate
-        )
     return metrics
 
 

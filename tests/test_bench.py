@@ -1,11 +1,14 @@
-"""The bench harness's pure helpers: parsing, config text, medians and ratios. No load runs."""
+"""The bench harness's helpers: parsing, config text, medians, ratios, the probe. No load runs."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +178,71 @@ def test_response_reader_content_length_and_chunked() -> None:
         assert reader.read() == (200, {"content-length": "5", "x-a": "b"}, b"hello")
         status, _, body = reader.read()
         assert (status, body) == (503, b"abcde")
+
+
+class _Upstream(socketserver.ThreadingTCPServer):
+    """Answers keep-alive GETs with 200, after `fail_after` of them with 503; logs (its
+    name, the request's x-user-id) in the shared `log` as each request arrives."""
+
+    daemon_threads = True
+
+    def __init__(self, name: str, log: list[tuple[str, str]], fail_after: int = 10**9) -> None:
+        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+        self.name, self.log, self.fail_after = name, log, fail_after
+        self.served = 0
+
+
+class _UpstreamHandler(socketserver.StreamRequestHandler):
+    server: _Upstream
+
+    def handle(self) -> None:
+        while head := self._head():
+            user = next(line for line in head if line.startswith("x-user-id:")).split(": ")[1]
+            self.server.log.append((self.server.name, user))
+            self.server.served += 1
+            status = 200 if self.server.served <= self.server.fail_after else 503
+            self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\nok" % status)
+
+    def _head(self) -> list[str]:
+        lines = []
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            lines.append(line.decode().strip())
+        return lines
+
+
+@pytest.fixture
+def upstream_log() -> Iterator[tuple[list[tuple[str, str]], list[_Upstream]]]:
+    log: list[tuple[str, str]] = []
+    servers = [_Upstream("a", log), _Upstream("b", log), _Upstream("c", log, fail_after=2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield log, servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_probe_takes_turns_and_keeps_each_targets_error(
+    upstream_log: tuple[list[tuple[str, str]], list[_Upstream]],
+) -> None:
+    log, servers = upstream_log
+    closed = free_port()
+    targets = [(server.server_address[1], "h") for server in servers] + [(closed, "h")]
+    results = load.probe_latencies(targets, count=3, rate=200.0, warmup=1)
+    a, b, c, refused = results
+    assert isinstance(a, float) and isinstance(b, float) and 0 < a < 1000 and 0 < b < 1000
+    assert isinstance(c, ValueError) and "503" in str(c)  # its third request
+    assert isinstance(refused, OSError)
+    # One request to each target per tick, who goes first rotating; c drops out once failed.
+    assert log[:6] == [("a", "user-0"), ("b", "user-0"), ("c", "user-0"),
+                       ("b", "user-1"), ("c", "user-1"), ("a", "user-1")]  # fmt: skip
+    assert [name for name, _ in log[6:]] == ["c", "a", "b", "a", "b"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_interleaved_rotates_the_order() -> None:
