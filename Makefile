@@ -4,7 +4,7 @@
 # The interpreter the venv is built from: the system's python3 when it is 3.11 or newer and
 # can create venvs, else python3 on PATH; `make clean` then `make PYTHON=...` picks another.
 # Distributions build their python3 with PGO and LTO (Debian, Ubuntu, Fedora), pyenv and asdf
-# by default do not: the data path costs 14-18 % more CPU on such a build (README, "Which
+# by default do not: the data path costs 14-19 % less CPU on a PGO build (README, "Which
 # Python").
 SYSTEM_PYTHON := /usr/bin/python3
 PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, sys; sys.exit(sys.version_info < (3, 11))' \
@@ -61,17 +61,22 @@ $(BIN)/python:
 		echo "could not create $(VENV): Debian/Ubuntu need 'apt install python3-venv'"; \
 		rm -rf $(VENV); exit 1; }
 
-# Dependencies and the `grayproxy` command, interpreted (no compiler needed)...
+# Dependencies and the `grayproxy` command, interpreted (no compiler needed)... Each of these
+# installs grayproxy itself again, interpreted: that undoes the compiled install (the console
+# script would no longer find proxy__mypyc), so the compiled stamp goes and it is redone.
 $(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	rm -f $(COMPILED)
 	touch $@
 
 $(TEST_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(COMPILED)
 	touch $@ $(INSTALLED)
 
 $(BENCH_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	rm -f $(COMPILED)
 	touch $@ $(INSTALLED)
 
 # ...then the data path compiled in place (mypyc, see setup.py: proxy/*.so), again whenever
