@@ -488,12 +488,14 @@ def test_request_on_a_kept_alive_connection_the_upstream_dropped_is_sent_again(
     replayed on a new connection, a POST is not."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        try:
             await reader.readuntil(b"\r\n\r\n")
-        writer.close()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
 
     async def start() -> asyncio.Server:
         return await asyncio.start_server(handle, "127.0.0.1", 0)
