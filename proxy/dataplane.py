@@ -497,7 +497,6 @@ class Exchange:
         "_chunked_request",
         "_chunked_response",
         "_last_read",
-        "_out",
         "_pending",
         "_tried",
         "client",
@@ -548,7 +547,6 @@ class Exchange:
         self._buffered = 0
         self._body_bytes = 0
         self._last_read = 0.0  # 0: not waiting for the upstream
-        self._out = client.outgoing
         self._pending: asyncio.Task[None] | None = None
         self._tried: tuple[EndpointPool, ...] = ()
         self.pool: EndpointPool | None = None  # the endpoint serving this request
@@ -837,7 +835,7 @@ class Exchange:
         elif self.http10:
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self._out.append(b"".join(lines))
+        self.client.outgoing.append(b"".join(lines))
 
     def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
         """101: from here on, bytes pass unchanged both ways until either side closes."""
@@ -862,18 +860,20 @@ class Exchange:
     def response_body(self, chunk: bytes) -> None:
         if self._last_read:
             self._last_read = self.client.plane.now
+        out = self.client.outgoing
         if self._chunked_response:
-            self._out.append(b"%x\r\n" % len(chunk))
-            self._out.append(chunk)
-            self._out.append(b"\r\n")
+            out.append(b"%x\r\n" % len(chunk))
+            out.append(chunk)
+            out.append(b"\r\n")
         else:
-            self._out.append(chunk)
+            out.append(chunk)
 
     def flush(self) -> None:
         """Write what the last upstream read produced, in one call."""
-        if self._out:
-            self.client.writelines(self._out)  # the transport keeps the bytes, not the list
-            self._out.clear()
+        out = self.client.outgoing
+        if out:
+            self.client.writelines(out)  # the transport keeps the bytes, not the list
+            out.clear()
 
     def response_complete(self) -> None:
         self._cancel_deadline()
@@ -881,7 +881,7 @@ class Exchange:
         if upstream is not None:
             upstream.finish(reusable=self.request_done and not self.upstream_closes)
         if self._chunked_response:
-            self._out.append(CHUNKED_END)
+            self.client.outgoing.append(CHUNKED_END)
         self.flush()
         self._finish(self.status)
 
