@@ -26,11 +26,15 @@ from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
     CHUNKED_END,
     IDEMPOTENT_METHODS,
+    MAX_CHUNK_LINE,
+    MAX_CHUNK_SIZE,
     RequestHead,
     forwarded_for_lines,
+    open_chunk_size,
     origin_form,
     response_lines,
     status_line,
+    tunnelled_upgrade,
     upstream_head,
 )
 from .metrics import Metrics, VersionStats
@@ -103,6 +107,7 @@ class DataPlane:
     max_body_bytes: int
     max_connections: int
     idle_timeout: float
+    headers_with_underscores: str
 
     def __init__(self, state: LiveState, metrics: Metrics) -> None:
         config = state.snapshot.config
@@ -144,6 +149,7 @@ class DataPlane:
         self.max_body_bytes = limits.max_body_bytes
         self.max_connections = limits.max_connections
         self.idle_timeout = config.timeouts.idle
+        self.headers_with_underscores = getattr(config, "headers_with_underscores", "drop")
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)
@@ -171,6 +177,10 @@ class ClientConnection(asyncio.Protocol):
     """One client socket: parses requests, runs their exchanges in order."""
 
     __slots__ = (
+        "_chunk_bytes",
+        "_chunk_unchecked",
+        "_chunked_body",
+        "_earlier",
         "_head_bytes",
         "_headers",
         "_in_head",
@@ -215,6 +225,13 @@ class ClientConnection(asyncio.Protocol):
         self._read_hint = b""
         self._message_read = b""
         self._line_end = 0
+        # Chunk sizes are checked against the body limit (see _check_chunk_size):
+        # in a chunked body, a chunk whose size line has not been checked, the
+        # bytes of its data since, and the bytes before the current read.
+        self._chunked_body = False
+        self._chunk_unchecked = False
+        self._chunk_bytes = 0
+        self._earlier = b""
         # Response bytes for the client, written once per upstream read: the
         # exchanges answer one at a time, so they share it.
         self.outgoing: list[bytes] = []
@@ -250,30 +267,57 @@ class ClientConnection(asyncio.Protocol):
             self._read_hint = data
         if self._in_head or self.current is None:
             self._head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # The parser stops at an upgrade request; what follows belongs to
-            # the tunnel, if the upstream agrees to one.
-            self._pause()
-            exchange = self.queue[-1] if self.queue else self.current
-            if exchange is not None:
-                exchange.early_data = data[exc.args[0] :]
-        except httptools.HttpParserError as exc:
-            self.refuse(self._parse_error(exc))
-        else:
-            if self._in_head and self._head_bytes > self.plane.max_header_bytes:
-                self.refuse(errors.HeadersTooLarge("request header block too large"))
+        self._parse(data)
         # Exchanges start once the whole read is parsed: a malformed body that
         # arrived with its head is refused before anything goes upstream.
         current = self.current
         if current is not None and not current.started:
             current.start()
 
+    def _parse(self, data: bytes) -> None:
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                # The parser stops after a request that asks for an upgrade
+                # (and reads no body after it: tunnelled_upgrade refuses one).
+                data = data[exc.args[0] :]
+                exchange = self.queue[-1] if self.queue else self.current
+                if exchange is not None and exchange.upgrade:
+                    # What follows belongs to the tunnel, if the upstream agrees to one.
+                    self._pause()
+                    exchange.early_data = data
+                    return
+                if data and not self.refused:
+                    continue  # served as plain HTTP/1.1: the parser goes on with what follows
+            except httptools.HttpParserError as exc:
+                self.refuse(self._parse_error(exc))
+            else:
+                if self._in_head and self._head_bytes > self.plane.max_header_bytes:
+                    self.refuse(errors.HeadersTooLarge("request header block too large"))
+                elif self._chunked_body:
+                    self._check_chunk_size(data)
+            return
+
+    def _check_chunk_size(self, data: bytes) -> None:
+        """A chunk whose data runs past this read declared its size here: no
+        more than a body may hold. (Chunks that ended here were counted whole.)"""
+        if self._chunk_unchecked:
+            self._chunk_unchecked = False
+            try:
+                size = open_chunk_size(self._earlier, data, self._chunk_bytes)
+                limit = self.plane.max_body_bytes or MAX_CHUNK_SIZE
+                if size is not None and size > limit:
+                    raise errors.BadRequest(f"chunk size {size} over {limit} bytes")
+            except ProxyError as exc:
+                self.refuse(exc)
+                return
+        self._earlier = (self._earlier + data)[-MAX_CHUNK_LINE:]
+
     def _parse_error(self, exc: Exception) -> ProxyError:
         if self._pending_error is not None:
             return self._pending_error
-        if "HTTP version" in str(exc):
+        if "HTTP version" in str(exc) or "PRI/Upgrade" in str(exc):  # the latter: HTTP/2's preface
             return errors.VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
         return errors.BadRequest(f"malformed request: {exc}")
 
@@ -332,6 +376,7 @@ class ClientConnection(asyncio.Protocol):
         self._line_end = self._request_line_end(method, self._url)
         exchange = Exchange(self, method, self._url, self._headers)
         self._message_read = b""  # read by the exchange's _prepare; not kept longer
+        self._chunked_body = exchange.chunked_request
         if exchange.error is not None and exchange.error.status in CLOSING_STATUSES:
             self.refused = True  # nothing after a refused request is read
             exchange.close_after = exchange.request_done = True
@@ -377,13 +422,23 @@ class ClientConnection(asyncio.Protocol):
     def _head_size(self) -> int:
         return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
 
+    def on_chunk_header(self) -> None:
+        self._chunk_unchecked = True
+        self._chunk_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_unchecked = False
+
     def on_body(self, body: bytes) -> None:
+        self._chunk_bytes += len(body)
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is not None and not self.refused:
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
         self._head_bytes = 0  # what trailers counted
+        self._chunked_body = False
+        self._earlier = b""
         exchange = self.queue[-1] if self.queue else self.current
         if exchange is not None and not self.refused:
             exchange.request_complete()
@@ -494,11 +549,11 @@ class Exchange:
         "_body_buffer",
         "_body_bytes",
         "_buffered",
-        "_chunked_request",
         "_chunked_response",
         "_last_read",
         "_pending",
         "_tried",
+        "chunked_request",
         "client",
         "close_after",
         "early_data",
@@ -558,7 +613,7 @@ class Exchange:
         self.upgrade: bytes | None = None  # the Upgrade asked for (WebSocket)
         self.early_data = b""  # bytes the client sent after its upgrade request
         self.observed = False
-        self._chunked_request = False
+        self.chunked_request = False
         self.http10 = False
         if method:  # Exchange.failed passes no method
             try:
@@ -584,11 +639,14 @@ class Exchange:
         self.close_after = not parser.should_keep_alive()
         if method == b"CONNECT":
             raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
-        head = RequestHead(raw_headers, self.http10)
-        self._chunked_request = head.chunked
+        head = RequestHead(raw_headers, self.http10, self.client.plane.headers_with_underscores)
+        self.chunked_request = head.chunked
         self.want_continue = head.want_continue
-        if "upgrade" in head.headers and parser.should_upgrade():
-            self.upgrade = head.headers.get("upgrade", "").encode("latin-1")
+        if parser.should_upgrade():
+            self.upgrade = tunnelled_upgrade(method, head, self.http10)
+            # The bytes after a tunnelled upgrade's head are the tunnel's: unless
+            # the upstream answers 101, the connection ends with this exchange.
+            self.close_after = self.close_after or self.upgrade is not None
         target = origin_form(url, head.host, method)
         path, _, query = target.partition(b"?")
         view = RequestView(
@@ -627,7 +685,7 @@ class Exchange:
             return
         if self.client.plane.draining:
             self.close_after = True
-        if self._chunked_request and self.client.plane.max_body_bytes:
+        if self.chunked_request and self.client.plane.max_body_bytes:
             if self._body_bytes > self.client.plane.max_body_bytes:
                 self._respond_error(self._too_large())
                 return
@@ -742,7 +800,7 @@ class Exchange:
         if self.error is not None or self.response_started:
             return
         self._body_bytes += len(chunk)
-        if self._chunked_request:
+        if self.chunked_request:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         if self.upstream is not None:
             self.upstream.write(chunk)
@@ -772,7 +830,7 @@ class Exchange:
         self.request_done = True
         if self.error is not None or self.response_started:
             return
-        if self._chunked_request:
+        if self.chunked_request:
             if self.upstream is not None:
                 self.upstream.write(CHUNKED_END)
             else:
@@ -814,8 +872,6 @@ class Exchange:
         if status == 101 and self.upgrade:
             self._switch_protocols(lines, upgrade)
             return
-        if self.upgrade:
-            self.close_after = True  # the client's parser stopped at the upgrade request
         bodyless = self.head_request or status in (204, 304)
         if length is not None:
             lines.append(b"content-length: " + length + b"\r\n")

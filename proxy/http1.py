@@ -25,6 +25,7 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
         b"proxy-authenticate",
         b"proxy-authorization",
+        b"http2-settings",  # only ever sent with Upgrade: h2c, which is never passed on
     }
 )
 # Hop-by-hop, or set by the proxy (X-Forwarded-For is extended): a client's own lines are dropped.
@@ -34,9 +35,27 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
 }
+# What a Connection header may not drop: the framing, Host, and what the proxy itself sets.
+PROTECTED: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
 CHECKED_REQUEST_HEADERS: Final = frozenset(
     {b"host", b"transfer-encoding", b"connection", b"expect"}
 )
+# What the data path does with request header names that hold an underscore
+# (config key headers_with_underscores): WSGI and CGI upstreams read
+# X_Forwarded_Host and X-Forwarded-Host as one variable.
+UNDERSCORES_DROP: Final = "drop"
+UNDERSCORES_REJECT: Final = "reject"
+UNDERSCORES_ALLOW: Final = "allow"
 # Response headers the proxy reads or replaces rather than copies, and their lengths.
 CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
 # Bit n set: some checked name is n bytes long (all are shorter than 63).
@@ -48,6 +67,11 @@ STATUS_LINES: Final = {
     int(s): f"HTTP/1.1 {int(s)} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
 }
 CHUNKED_END: Final = b"0\r\n\r\n"
+# A chunk may declare no more than a body may hold (limits.max_body_bytes, else
+# this: what a signed 64-bit length holds); its size line, extensions included,
+# is at most MAX_CHUNK_LINE bytes.
+MAX_CHUNK_SIZE: Final = (1 << 63) - 1
+MAX_CHUNK_LINE: Final = 4096
 NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
@@ -59,12 +83,20 @@ def status_line(status: int) -> bytes:
 class HeaderName:
     """What the head rules need of a header name, computed once per name as received."""
 
-    __slots__ = ("forwarded", "key", "lower", "request_checked", "response_checked")
+    __slots__ = (
+        "forwarded",
+        "key",
+        "lower",
+        "request_checked",
+        "response_checked",
+        "underscore",
+    )
 
     def __init__(self, raw: bytes) -> None:
         self.lower = raw.lower()
         self.key = self.lower.decode("latin-1")  # the name routing and `headers` use
-        self.request_checked = self.lower in CHECKED_REQUEST_HEADERS
+        self.underscore = b"_" in raw
+        self.request_checked = self.lower in CHECKED_REQUEST_HEADERS or self.underscore
         self.forwarded = self.lower not in NOT_FORWARDED
         self.response_checked = self.lower in CHECKED_RESPONSE_HEADERS
 
@@ -100,7 +132,9 @@ class RequestHead:
         "want_continue",
     )
 
-    def __init__(self, raw_headers: list[Header], http10: bool) -> None:
+    def __init__(
+        self, raw_headers: list[Header], http10: bool, underscores: str = UNDERSCORES_DROP
+    ) -> None:
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
         self.chunked = False
         self.want_continue = False
@@ -114,7 +148,14 @@ class RequestHead:
             text = raw_value.decode("latin-1")
             key = name.key
             if name.request_checked:
-                if key == "host":
+                if name.underscore:
+                    if underscores == UNDERSCORES_DROP:
+                        if forwarded is None:
+                            forwarded = raw_headers[:index]
+                        continue  # neither routed on nor passed on
+                    if underscores == UNDERSCORES_REJECT:
+                        raise errors.BadRequest(f"header name with an underscore: {key}")
+                elif key == "host":
                     host = check_host(text, host)
                 elif key == "transfer-encoding":
                     self.chunked = check_transfer_encoding(raw_value, key in headers)
@@ -170,11 +211,13 @@ def _forwarded_host(host: str) -> bytes:
 
 
 def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
-    """Only exactly `chunked` is accepted; True when it is."""
+    """Only exactly `chunked` is accepted; True when it is. A final coding other
+    than chunked leaves the body's end unknown (RFC 9112 §6.3): 400; chunked
+    after a coding the proxy does not decode: 501."""
     codings = [c.strip().lower() for c in value.split(b",")]
-    if repeated or b"" in codings:
-        raise errors.BadRequest("malformed Transfer-Encoding")
-    if codings != [b"chunked"]:
+    if repeated or b"" in codings or codings[-1] != b"chunked":
+        raise errors.BadRequest("malformed Transfer-Encoding: the final coding must be chunked")
+    if len(codings) > 1:
         raise errors.UnsupportedTransferCoding("only the chunked transfer coding is supported")
     return True
 
@@ -182,12 +225,13 @@ def check_transfer_encoding(value: bytes, repeated: bool) -> bool:
 # Connection values already split, and what each names beyond HOP_BY_HOP (and
 # "close"): nearly always "keep-alive" or "close", so nothing. Bounded like _NAMES.
 _CONNECTION_OPTIONS: Final[dict[bytes, frozenset[bytes]]] = {}
-NOT_HEADER_NAMES: Final = HOP_BY_HOP | {b"close"}
+NOT_HEADER_NAMES: Final = HOP_BY_HOP | PROTECTED | {b"close"}
 
 
 def add_connection_options(dropped: frozenset[bytes], value: bytes) -> frozenset[bytes]:
     """`dropped` plus the header names a Connection value lists as hop-by-hop,
-    lower-case, besides those always dropped (`dropped` itself when none)."""
+    lower-case, besides those always dropped and those it may not drop
+    (PROTECTED); `dropped` itself when none."""
     options = _CONNECTION_OPTIONS.get(value)
     if options is None:
         options = frozenset(t.strip().lower() for t in value.split(b",")) - NOT_HEADER_NAMES
@@ -200,6 +244,44 @@ def add_connection_options(dropped: frozenset[bytes], value: bytes) -> frozenset
 def without_listed(headers: list[Header], dropped: frozenset[bytes]) -> list[Header]:
     """Drop the headers that `Connection` names as hop-by-hop."""
     return [h for h in headers if header_name(h[0]).lower not in dropped]
+
+
+def tunnelled_upgrade(method: bytes, head: RequestHead, http10: bool) -> bytes | None:
+    """For a request whose head asks for an upgrade (Connection: upgrade and an
+    Upgrade header): the Upgrade to pass on and tunnel after a 101, or None to
+    serve it as plain HTTP/1.1 without one. Only a WebSocket handshake, a GET
+    without a body, is tunnelled. An upgrade request with a body is refused:
+    the parser stops at an upgrade head, so its body would be bytes the proxy
+    never framed."""
+    if head.chunked or (head.content_length is not None and int(head.content_length) > 0):
+        raise errors.BadRequest("an Upgrade request may not carry a body")
+    upgrade = head.headers.get("upgrade", "").strip()
+    if method == b"GET" and not http10 and upgrade.lower() == "websocket":
+        return upgrade.encode("latin-1")
+    return None
+
+
+def open_chunk_size(earlier: bytes, read: bytes, data_after: int) -> int | None:
+    """The size declared by the chunk whose size line the parser accepted in
+    `read` and whose data, `data_after` bytes of it so far, runs to the end of
+    `read`; `earlier` holds the bytes before `read` (the size line may begin
+    there). None when the bytes there are no size line: `read` ends in the last
+    chunk's trailers or in the CR after a chunk's whole data, so the size is 0
+    or `data_after`. llhttp only refuses sizes past 64 bits and hands out none."""
+    end = len(read) - data_after - 2  # where the size line's CRLF begins
+    start = read.rfind(b"\n", 0, max(end, 0)) + 1
+    if start == 0:  # the line began in an earlier read
+        read = earlier + read
+        end += len(earlier)
+        start = read.rfind(b"\n", 0, max(end, 0)) + 1
+        if start == 0 and end >= MAX_CHUNK_LINE:
+            raise errors.BadRequest("chunk-size line too long")
+    if end < start or read[end : end + 2] != b"\r\n":
+        return None
+    try:
+        return int(read[start:end].partition(b";")[0], 16)
+    except ValueError:  # a trailer line
+        return None
 
 
 def origin_form(url: bytes, host: str, method: bytes) -> bytes:

@@ -189,6 +189,9 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_informational(status, self._headers)
             self._headers = []  # the final response's follow
             return
+        if status == 101 and not sink.upgrade:
+            self._fail(BadUpstreamResponse("upstream switched protocols unasked"))
+            return
         self.upgraded = status == 101
         self._in_body = True
         sink.response_head(status, self._headers, not self._parser.should_keep_alive())

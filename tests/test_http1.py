@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import errors
 from proxy.http1 import (
+    MAX_CHUNK_LINE,
+    PROTECTED,
+    UNDERSCORES_ALLOW,
+    UNDERSCORES_DROP,
+    UNDERSCORES_REJECT,
     RequestHead,
     check_transfer_encoding,
     forwarded_for_lines,
+    open_chunk_size,
     origin_form,
     response_lines,
     status_line,
+    tunnelled_upgrade,
     upstream_head,
 )
 
@@ -54,6 +63,9 @@ def test_request_head_joins_repeats_and_drops_hop_by_hop_and_listed_headers() ->
             errors.UnsupportedTransferCoding,
         ),
         ([(b"Host", b"a"), (b"Transfer-Encoding", b",chunked")], errors.BadRequest),
+        ([(b"Host", b"a"), (b"Transfer-Encoding", b"xchunked")], errors.BadRequest),
+        ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked, identity")], errors.BadRequest),
+        ([(b"Host", b"a"), (b"Transfer-Encoding", b"gzip")], errors.BadRequest),
         (
             [
                 (b"Host", b"a"),
@@ -147,3 +159,115 @@ def test_every_connection_header_names_what_is_dropped_each_time() -> None:
         request = head((b"Host", b"x"), *headers)
         assert [name for name, _ in request.forwarded] == [b"Host", b"X-C"]
     assert status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
+
+
+UNDERSCORED = [(b"Host", b"x"), (b"X_Forwarded_Host", b"evil.test"), (b"Accept", b"*/*")]
+
+
+def test_header_names_with_underscores_are_dropped_by_default() -> None:
+    for request in (RequestHead(UNDERSCORED, False), RequestHead(UNDERSCORED, False, "drop")):
+        assert "x_forwarded_host" not in request.headers
+        assert request.forwarded == [(b"Host", b"x"), (b"Accept", b"*/*")]
+        assert not request.unchanged
+    assert UNDERSCORES_DROP == "drop"
+
+
+def test_header_names_with_underscores_are_refused_or_allowed_when_configured() -> None:
+    with pytest.raises(errors.BadRequest, match="underscore"):
+        RequestHead(UNDERSCORED, False, UNDERSCORES_REJECT)
+    allowed = RequestHead(UNDERSCORED, False, UNDERSCORES_ALLOW)
+    assert allowed.headers["x_forwarded_host"] == "evil.test"
+    assert allowed.forwarded == UNDERSCORED and allowed.unchanged
+    # Without an underscore nothing is refused, whatever the setting.
+    assert RequestHead([(b"Host", b"x")], False, UNDERSCORES_REJECT).host == "x"
+
+
+@pytest.mark.parametrize("name", sorted(PROTECTED))
+def test_connection_options_never_drop_protected_headers(name: bytes) -> None:
+    request = head((b"Host", b"x"), (b"Connection", b"close, " + name), (b"X-Other", b"1"))
+    assert request.host == "x"
+    assert [n.lower() for n, _ in request.forwarded] == [b"host", b"x-other"]
+    response, _, _ = response_lines(200, [(b"Connection", name), (b"X-Request-Id", b"r")])
+    assert b"X-Request-Id: r\r\n" in b"".join(response)
+
+
+def test_connection_options_still_drop_what_they_name() -> None:
+    request = head((b"Host", b"x"), (b"Connection", b"Host, X-Hop"), (b"X-Hop", b"1"))
+    assert request.forwarded == [(b"Host", b"x")]
+
+
+def upgrade_head(*lines: tuple[bytes, bytes]) -> RequestHead:
+    return head((b"Host", b"x"), (b"Connection", b"upgrade"), *lines)
+
+
+def test_only_a_websocket_get_without_a_body_is_tunnelled() -> None:
+    websocket = upgrade_head((b"Upgrade", b" WebSocket "))
+    assert tunnelled_upgrade(b"GET", websocket, http10=False) == b"WebSocket"
+    assert tunnelled_upgrade(b"POST", websocket, http10=False) is None
+    assert tunnelled_upgrade(b"GET", websocket, http10=True) is None
+    empty_body = upgrade_head((b"Upgrade", b"websocket"), (b"Content-Length", b"0"))
+    assert tunnelled_upgrade(b"GET", empty_body, http10=False) == b"websocket"
+    for token in (b"h2c", b"websocket, h2c", b"TLS/1.2"):
+        assert tunnelled_upgrade(b"GET", upgrade_head((b"Upgrade", token)), False) is None
+
+
+def test_h2c_upgrade_headers_are_not_passed_on() -> None:
+    request = head(
+        (b"Host", b"x"),
+        (b"Connection", b"Upgrade, HTTP2-Settings"),
+        (b"Upgrade", b"h2c"),
+        (b"HTTP2-Settings", b"AAMAAABkAAQAAP__"),
+    )
+    assert request.forwarded == [(b"Host", b"x")]
+    sent = upstream_head(b"GET", b"/", request, forwarded_for_lines("::1"), None)
+    assert b"pgrade" not in sent and b"ettings" not in sent.lower()
+
+
+@pytest.mark.parametrize("body", [(b"Content-Length", b"40"), (b"Transfer-Encoding", b"chunked")])
+@pytest.mark.parametrize("token", [b"websocket", b"h2c"])
+def test_an_upgrade_request_with_a_body_is_refused(body: tuple[bytes, bytes], token: bytes) -> None:
+    with pytest.raises(errors.BadRequest, match="body"):
+        tunnelled_upgrade(b"POST", upgrade_head((b"Upgrade", token), body), http10=False)
+
+
+chunk_extensions = st.sampled_from([b"", b";a=1", b";name", b';q="x;y"'])
+
+
+@given(
+    sizes=st.lists(st.integers(0, 40), max_size=4),
+    open_size=st.integers(1, (1 << 64) - 1),
+    extension=chunk_extensions,
+    hex_case=st.sampled_from([bytes.lower, bytes.upper]),
+    zeros=st.integers(0, 3),
+    data=st.data(),
+)
+def test_open_chunk_size_reads_the_size_line_before_the_data(
+    sizes: list[int],
+    open_size: int,
+    extension: bytes,
+    hex_case: object,
+    zeros: int,
+    data: st.DataObject,
+) -> None:
+    """Whole chunks, then one whose data runs to the end of the read: its size
+    is found however the bytes are cut into `earlier` and `read`."""
+    body = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body += b"".join(b"%x\r\n%s\r\n" % (n, b"d" * n) for n in sizes if n)
+    line = b"0" * zeros + hex_case(b"%x" % open_size) + extension  # type: ignore[operator]
+    received = data.draw(st.integers(0, min(open_size, 30)))
+    stream = body + line + b"\r\n" + b"\n" * received  # data may hold LFs
+    cut = data.draw(st.integers(0, len(stream) - received))  # the read starts here
+    assert open_chunk_size(stream[:cut], stream[cut:], received) == open_size
+
+
+def test_open_chunk_size_is_none_in_trailers_or_after_the_data() -> None:
+    assert open_chunk_size(b"", b"0\r\nX-T: 1\r\n", 0) is None
+    assert open_chunk_size(b"", b"5\r\nhello\r", 5) is None
+    assert open_chunk_size(b"", b"\r\n", 0) is None
+
+
+def test_a_size_line_longer_than_the_limit_is_refused() -> None:
+    long_line = b"5;" + b"e" * MAX_CHUNK_LINE
+    with pytest.raises(errors.BadRequest, match="too long"):
+        open_chunk_size(long_line[-MAX_CHUNK_LINE:], b"\r\nab", 2)
+    assert open_chunk_size(b"\n" + long_line[:100], b"\r\nab", 2) == 5

@@ -224,6 +224,10 @@ BAD_400 = {
     "chunk-size-overflow-f": post(
         b"Transfer-Encoding: chunked\r\n", b"F" * 20 + b"\r\nhello\r\n0\r\n\r\n"
     ),
+    "chunk-size-16-hex": post(b"Transfer-Encoding: chunked\r\n", b"ffffffffffffffff\r\nabc"),
+    "chunk-size-2-63": post(
+        b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n8000000000000000;a=b\r\nabc"
+    ),
     "chunk-data-no-crlf": post(b"Transfer-Encoding: chunked\r\n", b"5\r\nhelloXX0\r\n\r\n"),
     "chunk-data-bare-lf": post(b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\n0\r\n\r\n"),
     "chunk-size-bare-lf": post(b"Transfer-Encoding: chunked\r\n", b"5\nhello\r\n0\r\n\r\n"),
@@ -249,19 +253,39 @@ BAD_400 = {
     "version-junk": b"GET / HTTP/1.1x\r\nHost: x\r\n\r\n",
     "connect": b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
     "asterisk-form-get": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    # an Upgrade request with a body: the parser stops at its head, so the body
+    # would be bytes nobody framed
+    "upgrade-h2c-with-body": post(
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 40\r\n",
+        b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n",
+    ),
+    "upgrade-websocket-with-body": post(
+        b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n",
+        b"hello",
+        head=b"GET /ws HTTP/1.1\r\nHost: x\r\n",
+    ),
+    "upgrade-chunked-body": post(
+        b"Connection: upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    ),
+}
+# The final coding is not chunked: the body's end is unknown (RFC 9112 §6.3).
+FINAL_CODING_NOT_CHUNKED = {
+    "te-xchunked": post(b"Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n"),
+    "te-chunked-identity": post(b"Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n"),
+    "te-chunked-gzip": post(b"Transfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n"),
+    "te-identity": post(b"Transfer-Encoding: identity\r\n", b"hello"),
+    "te-gzip": post(b"Transfer-Encoding: gzip\r\n", b"hello"),
 }
 
 BAD_TRANSFER_CODING = {
-    "te-xchunked": post(b"Transfer-Encoding: xchunked\r\n", b"0\r\n\r\n"),
     "te-leading-comma": post(b"Transfer-Encoding: ,chunked\r\n", b"0\r\n\r\n"),
     "te-gzip-chunked": post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
-    "te-chunked-gzip": post(b"Transfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n"),
     "te-chunked-chunked": post(b"Transfer-Encoding: chunked, chunked\r\n", b"0\r\n\r\n"),
     "te-repeated-header": post(
         b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"
     ),
-    "te-identity": post(b"Transfer-Encoding: identity\r\n", b"hello"),
-    "te-gzip": post(b"Transfer-Encoding: gzip\r\n", b"hello"),
     "te-vertical-tab": post(b"Transfer-Encoding: chunked\x0b\r\n", b"0\r\n\r\n"),
     "te-quoted": post(b'Transfer-Encoding: "chunked"\r\n', b"0\r\n\r\n"),
 }
@@ -273,6 +297,7 @@ BAD_VERSION = {
     # The version is read off the request line when it ends in " HTTP/1.1": a
     # header ending so must not pass for it.
     "http-2.0-header-1.1": b"GET / HTTP/2.0\r\nX-Line: GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
 }
 # No version at all reads as an HTTP/0.9 simple request: 505 or 400.
 NO_VERSION = b"GET /\r\nHost: x\r\n\r\n"
@@ -290,6 +315,23 @@ def test_obfuscated_or_unknown_transfer_coding_is_refused(
     proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
 ) -> None:
     assert_refused(proxy, upstream, raw, 400, 501)
+
+
+@pytest.mark.parametrize(
+    "raw", FINAL_CODING_NOT_CHUNKED.values(), ids=FINAL_CODING_NOT_CHUNKED.keys()
+)
+def test_a_final_coding_other_than_chunked_is_400(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
+) -> None:
+    assert_refused(proxy, upstream, raw, 400)
+
+
+def test_chunked_after_an_unknown_coding_is_501(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    assert_refused(
+        proxy, upstream, post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"), 501
+    )
 
 
 @pytest.mark.parametrize("raw", BAD_VERSION.values(), ids=BAD_VERSION.keys())
@@ -422,6 +464,10 @@ BAD_RESPONSES = {
     "obsfold": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: a\r\n b\r\n\r\nabc",
     "barelf": b"HTTP/1.1 200 OK\nContent-Length: 3\n\nabc",
     "garbage": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    # 101 to a request that asked for no upgrade: no tunnel may open
+    "unasked101": (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nabc"
+    ),
 }
 # Broken after the head was relayed: the client can only be cut off.
 TRUNCATING_RESPONSES = {
@@ -520,3 +566,109 @@ def test_close_delimited_upstream_body_reaches_the_client_complete(
     [response] = parse_responses(reply)
     assert response.status == 200 and response.complete, reply[:300]
     assert response.body == b"y" * 3000
+
+
+# ------------------------------------------------------------------------ headers the proxy guards
+
+
+def test_h2c_upgrade_is_served_as_plain_http_and_parsing_goes_on(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    """No HTTP/2 tunnel to the upstream: its Upgrade and HTTP2-Settings are
+    removed, and what follows on the connection is parsed as HTTP/1.1."""
+    h2c = (
+        b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    )
+    after = b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    first, second = assert_served(proxy, upstream, h2c + after, requests=2)
+    assert (first.url, second.url) == (b"/h2c", b"/after")
+    for name in (b"upgrade", b"http2-settings", b"connection"):
+        assert first.header(name) == [], first.headers
+    [split] = assert_served(
+        proxy, upstream, h2c.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    )
+    assert split.header(b"upgrade") == []
+
+
+def test_header_names_with_underscores_are_dropped(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    raw = post(
+        b"X_Forwarded_Proto: https\r\nX_Forwarded_Host: evil.test\r\n"
+        b"Transfer_Encoding: chunked\r\nContent_Length: 99\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n",
+        b"hello",
+    )
+    [forwarded] = assert_served(proxy, upstream, raw)
+    assert not [name for name, _ in forwarded.headers if b"_" in name], forwarded.headers
+    assert forwarded.header(b"x-forwarded-host") == [b"x"]
+    assert forwarded.header(b"x-forwarded-proto") == [b"http"]
+    assert forwarded.body == b"hello"
+
+
+@pytest.mark.parametrize(
+    "option", [b"host", b"Content-Length", b"x-forwarded-for", b"X-Forwarded-Host", b"x-request-id"]
+)
+def test_connection_options_do_not_strip_protected_headers(
+    proxy: ProxyProcess, upstream: RecordingUpstream, option: bytes
+) -> None:
+    raw = post(
+        b"Connection: close, " + option + b"\r\nX-Request-Id: r1\r\nContent-Length: 2\r\n", b"ok"
+    )
+    [forwarded] = assert_served(proxy, upstream, raw)
+    assert forwarded.header(b"host") == [b"x"]
+    assert forwarded.header(b"x-request-id") == [b"r1"]
+    assert forwarded.header(b"x-forwarded-for") == [b"127.0.0.1"]
+    assert forwarded.header(b"x-forwarded-host") == [b"x"]
+    assert forwarded.body == b"ok"
+
+
+HUGE_CHUNK_HEAD = post(b"Transfer-Encoding: chunked\r\n")
+HUGE_CHUNK_BODY = b"5\r\nhello\r\n0fffffffffffffff0;x=y\r\nabc"
+GOOD_CHUNKED_BODY = b"5\r\nhello\r\n10;e=1\r\n" + b"\n" * 16 + b"\r\n0\r\nX-T: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", range(len(HUGE_CHUNK_BODY)))
+def test_a_chunk_size_over_the_limit_is_refused_however_it_is_split(
+    proxy: ProxyProcess, upstream: RecordingUpstream, cut: int
+) -> None:
+    before = len(upstream.requests)
+    pieces = [HUGE_CHUNK_HEAD + HUGE_CHUNK_BODY[:cut], HUGE_CHUNK_BODY[cut:]]
+    reply, closed = exchange(proxy.data_port, pieces)
+    assert [r.status for r in parse_responses(reply)] == [400], reply
+    assert closed
+    assert len(upstream.requests) == before, "a refused request reached the upstream whole"
+
+
+@pytest.mark.parametrize("cut", range(len(GOOD_CHUNKED_BODY)))
+def test_a_chunked_body_is_served_however_it_is_split(
+    proxy: ProxyProcess, upstream: RecordingUpstream, cut: int
+) -> None:
+    head = post(b"Transfer-Encoding: chunked\r\nConnection: close\r\n")
+    pieces = [head + GOOD_CHUNKED_BODY[:cut], GOOD_CHUNKED_BODY[cut:]]
+    before = len(upstream.requests)
+    reply, _ = exchange(proxy.data_port, pieces)
+    assert [r.status for r in parse_responses(reply)] == [200], reply
+    [forwarded] = upstream.requests[before:]
+    assert forwarded.body == b"hello" + b"\n" * 16
+
+
+LIMITED_CONFIG = """
+listen: "127.0.0.1:${data_port}"
+control: {listen: "127.0.0.1:${control_port}"}
+limits: {max_body_bytes: 100}
+services:
+  - name: web
+    versions: {stable: {endpoints: ["%s"]}}
+"""
+
+
+def test_a_chunk_may_declare_no_more_than_max_body_bytes(upstream: RecordingUpstream) -> None:
+    with ProxyProcess(LIMITED_CONFIG % upstream.address) as limited:
+        assert_refused(limited, upstream, post(b"Transfer-Encoding: chunked\r\n", b"65\r\nab"), 400)
+        body = b"64\r\n" + b"a" * 100 + b"\r\n0\r\n\r\n"
+        [served] = assert_served(
+            limited, upstream, post(b"Transfer-Encoding: chunked\r\nConnection: close\r\n", body)
+        )
+        assert served.body == b"a" * 100
