@@ -642,7 +642,7 @@ class Exchange:
         head = RequestHead(raw_headers, self.http10, self.client.plane.headers_with_underscores)
         self.chunked_request = head.chunked
         self.want_continue = head.want_continue
-        if parser.should_upgrade():
+        if "upgrade" in head.headers and parser.should_upgrade():
             self.upgrade = tunnelled_upgrade(method, head, self.http10)
             # The bytes after a tunnelled upgrade's head are the tunnel's: unless
             # the upstream answers 101, the connection ends with this exchange.
