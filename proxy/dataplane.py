@@ -282,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
                 # The parser stops after a request that asks for an upgrade
                 # (and reads no body after it: tunnelled_upgrade refuses one).
                 data = data[exc.args[0] :]
-                exchange = self.queue[-1] if self.queue else self.current
+                exchange = self._parsing()
                 if exchange is not None and exchange.upgrade:
                     # What follows belongs to the tunnel, if the upstream agrees to one.
                     self._pause()
@@ -431,7 +431,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunk_bytes += len(body)
-        exchange = self.queue[-1] if self.queue else self.current
+        exchange = self._parsing()
         if exchange is not None and not self.refused:
             exchange.request_body(body)
 
@@ -439,11 +439,15 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0  # what trailers counted
         self._chunked_body = False
         self._earlier = b""
-        exchange = self.queue[-1] if self.queue else self.current
+        exchange = self._parsing()
         if exchange is not None and not self.refused:
             exchange.request_complete()
 
     # -- exchanges ---------------------------------------------------------
+    def _parsing(self) -> Exchange | None:
+        """The exchange of the request being parsed: the last one to arrive."""
+        return self.queue[-1] if self.queue else self.current
+
     def _enqueue(self, exchange: Exchange) -> None:
         if self.current is None:
             self.current = exchange  # started by data_received once the read is parsed
@@ -470,7 +474,7 @@ class ClientConnection(asyncio.Protocol):
         self.refused = True
         self._in_head = False
         self._pause()
-        exchange = self.queue[-1] if self.queue else self.current
+        exchange = self._parsing()
         if exchange is not None and not exchange.request_done:
             exchange.refuse(error)  # its own body is malformed
             return

@@ -27,13 +27,17 @@ from proxy.config import (
     Rule,
     Service,
     Split,
+    StickyCookie,
     Version,
 )
+from proxy.ctl import DEFAULT_CONTROL_URL
 
 SERVICE = "demo"
 VERSION_COLOURS = {"stable": "#2e7d32", "canary": "#ef6c00"}
 WEIGHTS = {"stable": 90.0, "canary": 10.0}
-DEFAULT_CONTROL_URL = "http://127.0.0.1:9901"
+# A browser sends no x-user-id: without a cookie of its own it would be drawn
+# again on every reload.
+STICKY_COOKIE = StickyCookie("gp_sticky", max_age=86400)
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>grayproxy demo: {version}</title>
@@ -48,7 +52,8 @@ a {{ color: #fff; }}
 <h1>{version}</h1>
 <p>This answer came from the <strong>{version}</strong> version of service
 <code>{service}</code>. Path: <code>{path}</code></p>
-<p>Reload to be drawn again by weight. Send <code>x-canary: always</code>
+<p>This browser keeps its version (cookie <code>gp_sticky</code>); delete the cookie
+to be drawn again by weight. Send <code>x-canary: always</code>
 or <code>never</code> to pin a version, or <code>x-user-id</code> to stay on one.
 JSON: <a href="/api/info">/api/info</a></p>
 </main></body></html>
@@ -94,7 +99,8 @@ def port_of(sock: socket.socket) -> int:
 def demo_config(
     host: str, port: int, control_port: int, version_ports: Mapping[str, int]
 ) -> Config:
-    """Service "demo": stable/canary 90/10, keyed by x-user-id then cookie session."""
+    """Service "demo": stable/canary 90/10, keyed by x-user-id then cookie session, else a
+    sticky cookie."""
     versions = tuple(
         Version(name, (Address("127.0.0.1", version_port),))
         for name, version_port in version_ports.items()
@@ -106,6 +112,7 @@ def demo_config(
     split = Split(
         weights=dict(WEIGHTS),
         hash_on=(HashSource("header", "x-user-id"), HashSource("cookie", "session")),
+        sticky_cookie=STICKY_COOKIE,
     )
     service = Service(SERVICE, versions, split, baseline="stable", rules=rules)
     return Config(

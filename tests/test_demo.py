@@ -62,6 +62,7 @@ def test_demo_config_is_the_documented_split() -> None:
         ("header", "x-user-id"),
         ("cookie", "session"),
     ]
+    assert service.split.sticky_cookie == demo.STICKY_COOKIE
     assert [(r.version, r.headers[0].name, r.headers[0].value) for r in service.rules] == [
         ("canary", "x-canary", "always"),
         ("stable", "x-canary", "never"),
@@ -101,6 +102,16 @@ def test_demo_serves_both_versions_and_stops_cleanly() -> None:
 
         seen = {get_json(proxy.data_url + "/api/info", {"x-user-id": "alice"})[0] for _ in range(5)}
         assert len(seen) == 1
+
+        # A browser without a key gets a sticky cookie, and with it, its version each time.
+        status, headers, _ = http_get(proxy.data_url + "/")
+        assert status == 200 and headers["set-cookie"].startswith("gp_sticky=")
+        cookie = headers["set-cookie"].split(";")[0]
+        first = headers["x-grayproxy-version"]
+        for _ in range(10):
+            status, headers, _ = http_get(proxy.data_url + "/", {"cookie": cookie})
+            assert headers["x-grayproxy-version"] == first
+            assert "set-cookie" not in headers
 
         status, _, body = http_get(proxy.control_url + "/api/v1/services/demo")
         assert status == 200
