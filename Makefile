@@ -4,40 +4,52 @@
 # The interpreter the venv is built from: the system's python3 when it is 3.11 or newer and
 # can create venvs, else python3 on PATH; `make clean` then `make PYTHON=...` picks another.
 # Distributions build their python3 with PGO and LTO (Debian, Ubuntu, Fedora), pyenv and asdf
-# by default do not: the data path costs 14-19 % less CPU on a PGO build (README, "Which
-# Python").
+# by default do not: the data path costs 14-19 % less CPU on a PGO build
+# (docs/development.md).
 SYSTEM_PYTHON := /usr/bin/python3
 PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, sys; sys.exit(sys.version_info < (3, 11))' \
 	2>/dev/null && echo $(SYSTEM_PYTHON) || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# Stamps: reinstall only when the build files change, recompile when the package does.
+# Stamps: reinstall only when the build files change.
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 BENCH_INSTALLED := $(VENV)/.installed-bench
-COMPILED := $(VENV)/.compiled
+# The compiled build (mypyc, see setup.py), what `pip install .` gives users: installed
+# beside the tree, never into it, so the everyday loop runs the source with nothing stale.
+COMPILED_DIR := build/compiled
+COMPILED := $(COMPILED_DIR)/.built
+# Run Python on the compiled build: its directory first on the path, the tree's own
+# directory only after it (for bench/ and tests/), the current directory never.
+WITH_COMPILED := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED_DIR):$(CURDIR)
 CONFIGS ?= $(wildcard config/*.yaml)
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format check-config bench clean which-python
+.PHONY: run test test-compiled lint format check-config bench clean which-python
 
 run: $(COMPILED)
-	$(BIN)/grayproxy demo
+	$(WITH_COMPILED) $(BIN)/python -m proxy demo
 
-test: lint $(COMPILED)
+# The source, interpreted: no compiler in the loop.
+test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The same suite against the compiled build (.ci/run runs both).
+test-compiled: $(COMPILED) $(TEST_INSTALLED)
+	$(WITH_COMPILED) GRAYPROXY_EXPECT_COMPILED=1 $(BIN)/pytest -o pythonpath= -p no:cacheprovider \
+		$(PYTEST_ARGS)
 
 lint: $(TEST_INSTALLED)
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/ruff format --check proxy tests bench
-	$(BIN)/mypy proxy bench
+	$(BIN)/mypy proxy bench tests
 
 format: $(TEST_INSTALLED)
 	$(BIN)/ruff check --fix proxy tests bench
 	$(BIN)/ruff format proxy tests bench
 
 # A config may name its token by environment variable: a placeholder stands in if unset.
-check-config: $(COMPILED)
+check-config: $(INSTALLED)
 	@test -n "$(CONFIGS)" || { echo "no config/*.yaml to check"; exit 1; }
 	@for config in $(CONFIGS); do \
 		GRAYPROXY_TOKEN="$${GRAYPROXY_TOKEN:-placeholder}" $(BIN)/grayproxy check -c "$$config" \
@@ -45,7 +57,7 @@ check-config: $(COMPILED)
 	done
 
 bench: $(BENCH_INSTALLED) $(COMPILED)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(WITH_COMPILED) $(BIN)/python -m bench $(BENCH_ARGS)
 
 # The interpreter a new venv is built from (.ci/run checks it has its headers).
 which-python:
@@ -53,7 +65,6 @@ which-python:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
-	rm -f proxy/*.so *__mypyc*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 $(BIN)/python:
@@ -61,27 +72,23 @@ $(BIN)/python:
 		echo "could not create $(VENV): Debian/Ubuntu need 'apt install python3-venv'"; \
 		rm -rf $(VENV); exit 1; }
 
-# Dependencies and the `grayproxy` command, interpreted (no compiler needed)... Each of these
-# installs grayproxy itself again, interpreted: that undoes the compiled install (the console
-# script would no longer find proxy__mypyc), so the compiled stamp goes and it is redone.
+# Dependencies and the `grayproxy` command, running the source (editable, interpreted).
 $(INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
-	rm -f $(COMPILED)
 	touch $@
 
 $(TEST_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	rm -f $(COMPILED)
 	touch $@ $(INSTALLED)
 
 $(BENCH_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 	GRAYPROXY_PURE=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	rm -f $(COMPILED)
 	touch $@ $(INSTALLED)
 
-# ...then the data path compiled in place (mypyc, see setup.py: proxy/*.so), again whenever
-# a module of the package changes. With GRAYPROXY_PURE=1 it stays interpreted.
+# The package built as a user's `pip install .` builds it (mypyc, a C compiler and Python's
+# headers: see setup.py), again whenever a module changes.
 $(COMPILED): pyproject.toml setup.py $(wildcard proxy/*.py) | $(INSTALLED)
-	rm -f proxy/*.so *__mypyc*.so
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	rm -rf $(COMPILED_DIR)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		--target $(COMPILED_DIR) .
 	touch $@

@@ -16,6 +16,7 @@ from setuptools import setup
 
 # The modules on the data path, compiled together (they call each other).
 HOT_PATH = [
+    "proxy/errors.py",
     "proxy/http1.py",
     "proxy/routing.py",
     "proxy/metrics.py",

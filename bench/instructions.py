@@ -1,13 +1,15 @@
 """Instructions per request: a measure of the data path that noise cannot move.
 
 Wall-clock and CPU-time figures swing by 2x on shared machines; the number of
-instructions the proxy executes does not. This runs grayproxy (from the source
-tree given, so two commits can be compared) under `valgrind --tool=callgrind`
+instructions the proxy executes does not. This runs grayproxy (the compiled
+build `make` puts in build/compiled, or a tree built in place, so two commits can
+be compared) under `valgrind --tool=callgrind`
 twice, once with a few requests and once with many more, and reports the
 difference divided by the extra requests: the startup cost cancels out.
 
-    python -m bench.instructions                       # this tree
-    python -m bench.instructions --source /tmp/base    # another checkout, e.g. the previous commit
+    python -m bench.instructions                       # build/compiled (make run builds it)
+    python -m bench.instructions --source /tmp/base    # another checkout built in place:
+        # (cd /tmp/base && /path/to/.venv/bin/python setup.py -q build_ext --inplace)
     python -m bench.instructions --functions 20        # and where they go, per compiled function
     python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
 
@@ -36,6 +38,7 @@ from bench.configs import USER_AGENT, Shape, Upstreams, grayproxy_yaml
 from bench.procs import free_ports, is_listening
 
 ROOT = Path(__file__).resolve().parent.parent
+COMPILED = ROOT / "build" / "compiled"  # the Makefile's compiled build
 # What the bench's upstream nginx (`return 200`) answers, and what wrk asks with the
 # bench's script: the same heads as `make bench`, with its realistic config.
 RESPONSE = (
@@ -47,7 +50,12 @@ REQUEST = "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\nx-user-id: u
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("--source", type=Path, default=ROOT, help="source tree to run (.)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=COMPILED,
+        help="the directory holding the proxy package to run (build/compiled)",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="extra requests (2000)")
     parser.add_argument(
         "--functions",
@@ -131,7 +139,9 @@ def instructions(
             "warning",
         ]
         # A fixed hash seed: dict probes, and so the count, are then the same every run.
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        # The package from `source` and nowhere else (not the directory it runs in).
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(source)}
+        env["PYTHONSAFEPATH"] = "1"
         proxy = subprocess.Popen(
             command, cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -4,10 +4,14 @@ failures, the `kind` label it is counted under in
 
 from __future__ import annotations
 
+from typing import ClassVar
 
+
+# Class attributes are ClassVars: compiled (mypyc), a plain attribute set in a
+# subclass body is not seen through the base class (AttributeError).
 class ProxyError(Exception):
-    status = 502
-    kind: str | None = None  # upstream error kind, None for client-side errors
+    status: ClassVar[int] = 502
+    kind: ClassVar[str | None] = None  # upstream error kind, None for client-side errors
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)

@@ -72,8 +72,7 @@ class AppServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        assert site._server is not None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -56,7 +56,7 @@ def service(endpoints: int = 2, **settings: Any) -> Service:
     )
 
 
-def run(body: Callable[[], Awaitable[T]]) -> T:
+def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(body())
 
 

@@ -128,7 +128,7 @@ def test_a_head_with_nothing_to_change_goes_upstream_as_received(
     forwarding = (
         b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: x\r\n\r\n"
     )
-    cases = [
+    cases: list[tuple[bytes | list[bytes], bytes]] = [
         (head + b"\r\n", head),
         (head + b"\r\n\r\n\r\n", head),  # empty lines after a message are skipped
         ([head, b"\r\n"], rebuilt),

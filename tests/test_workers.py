@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,15 +39,21 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
     loops.stop()
 
 
+def render(upstreams: dict[str, Upstream], canary: int = 0) -> str:
+    config = CONFIG % {name: u.address for name, u in upstreams.items()}
+    return config.replace(
+        "{stable: 100, canary: 0}", f"{{stable: {100 - canary}, canary: {canary}}}"
+    )
+
+
 @pytest.fixture
 def proxy(upstreams: dict[str, Upstream]) -> Iterator[ProxyProcess]:
-    config = CONFIG % {name: u.address for name, u in upstreams.items()}
-    with ProxyProcess(config) as proc:
+    with ProxyProcess(render(upstreams)) as proc:
         yield proc
 
 
 def children(pid: int) -> set[int]:
-    found = set()
+    found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         text = (task / "children").read_text().split()
         found.update(int(child) for child in text)
@@ -65,8 +72,6 @@ def versions_seen(proxy: ProxyProcess, count: int) -> set[str]:
 
 
 def put_weights(proxy: ProxyProcess, weights: dict[str, int]) -> None:
-    import urllib.request
-
     request = urllib.request.Request(
         proxy.control_url + "/api/v1/services/web/weights",
         data=json.dumps(weights).encode(),
@@ -82,6 +87,27 @@ def test_two_workers_serve_and_follow_a_weight_change_within_a_second(proxy: Pro
     assert versions_seen(proxy, 20) == {"stable"}
     put_weights(proxy, {"stable": 0, "canary": 100})
     time.sleep(1.0)
+    assert versions_seen(proxy, 40) == {"canary"}
+
+
+def test_a_reload_reaches_every_worker_and_a_restarted_one(
+    proxy: ProxyProcess, upstreams: dict[str, Upstream]
+) -> None:
+    assert proxy.process is not None
+    proxy.write_config(render(upstreams, canary=100))
+    request = urllib.request.Request(proxy.control_url + "/api/v1/reload", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["generation"] == 2
+    time.sleep(1.0)
+    assert versions_seen(proxy, 40) == {"canary"}
+
+    victim = min(children(proxy.process.pid))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(children(proxy.process.pid) - {victim}) < 2:
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the new worker has its config before it listens; this is for the kernel
     assert versions_seen(proxy, 40) == {"canary"}
 
 
