@@ -12,8 +12,19 @@ from recording import RecordingUpstream
 from servers import LoopThread, Upstream
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--invariant-examples",
+        type=int,
+        help="examples for test_invariant.py (default 200; or INVARIANT_EXAMPLES)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """`make test-compiled` runs the suite against the compiled build: check it is that."""
+    """Hand --invariant-examples on; under `make test-compiled`, check the build is compiled."""
+    examples = config.getoption("--invariant-examples")
+    if examples is not None:  # read when test_invariant.py is imported, after this
+        os.environ["INVARIANT_EXAMPLES"] = str(examples)
     if os.environ.get("GRAYPROXY_EXPECT_COMPILED"):
         import proxy.dataplane
 
