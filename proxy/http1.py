@@ -180,7 +180,10 @@ class RequestHead:
         if host is None and not http10:
             raise errors.BadRequest("missing Host header")
         self.host = host or ""
-        self.content_length = headers.get("content-length")
+        length = headers.get("content-length")
+        if length is not None and length[0] == "0" and len(length) > 1:
+            length = str(int(length))  # leading zeros: some parsers count digits
+        self.content_length = length
 
 
 # Hosts already found valid, with the X-Forwarded-Host line each is sent
@@ -298,6 +301,34 @@ def origin_form(url: bytes, host: str, method: bytes) -> bytes:
     raise errors.BadRequest("invalid request target")
 
 
+def request_line_end(read: bytes, method: bytes, url: bytes) -> int:
+    """Where the request line ends when `read`, the read a message began with,
+    starts with exactly `method SP url SP "HTTP/1.1" CRLF`; 0 otherwise.
+
+    That read came on an idle connection, but an earlier read may have left
+    the first bytes of the method in the parser: the read must start with the
+    whole method. A request line holds no CR or LF, so the CRLF found where
+    such a line would end is the line's own: with more spaces, leading empty
+    lines, a URL split across reads or another version, the bytes there differ
+    and the answer is 0."""
+    end = len(method) + len(url) + 10
+    if read[end - 9 : end + 2] == b" HTTP/1.1\r\n" and read.startswith(method):
+        return end
+    return 0
+
+
+def verbatim_head(read: bytes, line_end: int) -> bytes:
+    """The request line and header lines of a message whose request line ends
+    at `line_end` of `read` (see request_line_end), as received, each ending in
+    CRLF, when the whole head is in `read`; b"" otherwise. Sending them on as
+    they are saves rebuilding the head from a piece per name, separator and
+    value when nothing changes."""
+    if not line_end:
+        return b""
+    end = read.find(b"\r\n\r\n", line_end)  # the head's first empty line
+    return read[: end + 2] if end > 0 else b""
+
+
 def forwarded_for_lines(client_ip: str) -> bytes:
     """X-Forwarded-For and -Proto for a client that sent no X-Forwarded-For:
     the same for every request of a connection, so built once per connection."""
@@ -321,6 +352,8 @@ def upstream_head(
         parts = [verbatim]
     else:
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        if not head.host:  # HTTP/1.0 may omit it, HTTP/1.1 may not (RFC 9112 §3.2)
+            parts.append(b"host: \r\n")
         append_lines(parts, head.forwarded)
     xff = head.headers.get("x-forwarded-for")
     if xff:  # extend the client's list
@@ -383,3 +416,53 @@ def _may_be_checked(raw_name: bytes) -> bool:
     """Whether a response header name is as long as one the proxy checks (most are not)."""
     size = len(raw_name)
     return size < 63 and (CHECKED_RESPONSE_LENGTHS >> size) & 1 == 1
+
+
+def framed_response_head(
+    lines: list[bytes],
+    length: bytes | None,
+    bodyless: bool,
+    http10: bool,
+    close: bool,
+    extra: bytes,
+) -> tuple[bytes, bool, bool]:
+    """The response head for the client from response_lines' `lines` and
+    `length`, with `extra` header lines of the proxy's own: (the head,
+    whether the body is re-chunked, whether the connection closes after it).
+    A body of unknown length is chunked for HTTP/1.1 and ends with the
+    connection for HTTP/1.0."""
+    chunked = False
+    if length is not None:
+        lines.append(b"content-length: " + length + b"\r\n")
+    elif not bodyless:
+        if http10:
+            close = True
+        else:
+            chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+    lines.append(extra)
+    if close:
+        lines.append(b"connection: close\r\n")
+    elif http10:
+        lines.append(b"connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), chunked, close
+
+
+def error_response(
+    status: int, detail: str, extra: bytes, close: bool, head_request: bool
+) -> bytes:
+    """A response of the proxy's own: the status and a line of plain text saying why."""
+    body = f"{status} {errors.REASONS.get(status, 'Error')}: {detail}\n".encode()
+    lines = [
+        status_line(status),
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(body),
+        extra,
+    ]
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_request:
+        lines.append(body)
+    return b"".join(lines)

@@ -271,3 +271,16 @@ def test_a_size_line_longer_than_the_limit_is_refused() -> None:
     with pytest.raises(errors.BadRequest, match="too long"):
         open_chunk_size(long_line[-MAX_CHUNK_LINE:], b"\r\nab", 2)
     assert open_chunk_size(b"\n" + long_line[:100], b"\r\nab", 2) == 5
+
+
+def test_http10_without_host_goes_upstream_with_an_empty_host() -> None:
+    sent = upstream_head(b"GET", b"/", head(http10=True), forwarded_for_lines("::1"), None)
+    assert sent.startswith(b"GET / HTTP/1.1\r\nhost: \r\n")
+    assert b"x-forwarded-host" not in sent
+
+
+@pytest.mark.parametrize(("given", "sent"), [(b"0", b"0"), (b"007", b"7"), (b"0" * 30, b"0")])
+def test_content_length_goes_upstream_without_leading_zeros(given: bytes, sent: bytes) -> None:
+    request = head((b"Host", b"x"), (b"Content-Length", given))
+    upstream = upstream_head(b"POST", b"/", request, forwarded_for_lines("::1"), None)
+    assert b"content-length: " + sent + b"\r\n" in upstream

@@ -543,9 +543,11 @@ CHUNKS: list[Form] = [
     (b"%x;ext\r\n%s\r\n", SERVE, "chunk extension"),
     (b'%x;name="v;1"\r\n%s\r\n', SERVE, "quoted chunk extension"),
     (b"%x ;ext\r\n%s\r\n", either(400), "space before a chunk extension"),
-    (b"%016x\r\n%s\r\n", refuse(400), "chunk size of 16 hex digits"),
-    (b"%020x\r\n%s\r\n", refuse(400), "chunk size of 20 hex digits"),
+    # A size is bounded by its value (as nginx and HAProxy bound it), not by its digits.
+    (b"%016x\r\n%s\r\n", SERVE, "chunk size of 16 hex digits, leading zeros"),
+    (b"%020x\r\n%s\r\n", SERVE, "chunk size of 20 hex digits, leading zeros"),
     (b"8%015x\r\n%s\r\n", refuse(400), "chunk size over 2^63-1"),
+    (b"f%015x\r\n%s\r\n", refuse(400), "chunk size of 16 hex digits over 2^63-1"),
     (b"%x \r\n%s\r\n", refuse(400), "space after the chunk size"),
     (b"%x\t\r\n%s\r\n", refuse(400), "tab after the chunk size"),
     (b"0x%x\r\n%s\r\n", refuse(400), "chunk size 0x"),
@@ -559,7 +561,7 @@ LAST_CHUNKS: list[Form] = [
     (b"000\r\n\r\n", SERVE, "last chunk with leading zeros"),
     (b"0;ext=1\r\n\r\n", SERVE, "last chunk with an extension"),
     (b"0\r\nX-Trailer: t\r\n\r\n", SERVE, "a trailer"),
-    (b"0000000000000000\r\n\r\n", refuse(400), "last chunk of 16 hex digits"),
+    (b"0000000000000000\r\n\r\n", SERVE, "last chunk of 16 hex digits"),
     (b"0\r\n\n", refuse(400), "last chunk ends in bare LF"),
 ]
 
@@ -1159,7 +1161,7 @@ KNOWN = [
                 POST
                 + b"Transfer-Encoding: chunked\r\n"
                 + CLOSE
-                + b"0000000000000005\r\nhello\r\n0\r\n\r\n",
+                + b"ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
                 refuse(400),
                 payload=b"hello",
             )
