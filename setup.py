@@ -20,7 +20,8 @@ HOT_PATH = [
     "proxy/http1.py",
     "proxy/routing.py",
     "proxy/metrics.py",
-    "proxy/upstreams.py",
+    "proxy/upstream.py",
+    "proxy/endpoints.py",
     "proxy/dataplane.py",
 ]
 

@@ -22,6 +22,7 @@ import httptools
 
 from . import errors
 from .config import Address, Config, Timeouts
+from .endpoints import Balancer, Endpoint, Upstreams
 from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
     CHUNKED_END,
@@ -40,7 +41,7 @@ from .http1 import (
 from .metrics import Metrics, VersionStats
 from .routing import RequestView, Router
 from .state import LiveState, Snapshot
-from .upstreams import Balancer, EndpointPool, UpstreamConnection, Upstreams
+from .upstream import UpstreamConnection
 
 PAUSE_BUFFER_BYTES: Final = 256 * 1024
 # Timeouts are checked by one ticker per process rather than a timer per
@@ -607,8 +608,8 @@ class Exchange:
         self._body_bytes = 0
         self._last_read = 0.0  # 0: not waiting for the upstream
         self._pending: asyncio.Task[None] | None = None
-        self._tried: tuple[EndpointPool, ...] = ()
-        self.pool: EndpointPool | None = None  # the endpoint serving this request
+        self._tried: tuple[Endpoint, ...] = ()
+        self.pool: Endpoint | None = None  # the endpoint serving this request
         self._chunked_response = False
         self.head = b""
         self.head_request = method == b"HEAD"
@@ -713,7 +714,7 @@ class Exchange:
                 return
         self._pending = asyncio.get_running_loop().create_task(self._connect(fresh, pool))
 
-    async def _connect(self, fresh: bool, chosen: EndpointPool | None) -> None:
+    async def _connect(self, fresh: bool, chosen: Endpoint | None) -> None:
         try:
             await self._attach_upstream(fresh, chosen)
         except ProxyError as exc:  # already counted where it arose
@@ -721,7 +722,7 @@ class Exchange:
         finally:
             self._pending = None
 
-    async def _attach_upstream(self, fresh: bool, chosen: EndpointPool | None) -> None:
+    async def _attach_upstream(self, fresh: bool, chosen: Endpoint | None) -> None:
         """Get a connection to `chosen` (or the balancer's choice), a new one
         if `fresh`; connect failures move on to the next healthy endpoint,
         then to the fallback version: nothing of the request has been sent
@@ -729,7 +730,7 @@ class Exchange:
         assert self.target is not None and self.service is not None
         last_error: ProxyError | None = None
         while True:
-            pool: EndpointPool | None
+            pool: Endpoint | None
             if chosen is not None:
                 pool, chosen = chosen, None
             elif len(self._tried) < self.target.balancer.max_attempts:
@@ -755,13 +756,13 @@ class Exchange:
             self._use(pool, conn)
             return
 
-    def _use(self, pool: EndpointPool, conn: UpstreamConnection) -> None:
+    def _use(self, pool: Endpoint, conn: UpstreamConnection) -> None:
         self._tried += (pool,)
         self.pool = pool
         pool.begin()
         self._send_head(conn)
 
-    def _choose_endpoint(self) -> EndpointPool | None:
+    def _choose_endpoint(self) -> Endpoint | None:
         assert self.target is not None and self.service is not None
         try:
             pool = self.target.balancer.choose(self._tried)

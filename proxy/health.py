@@ -1,7 +1,7 @@
 """Active health checks: each worker process GETs a path on every endpoint of
 the services that ask for it, on a fresh connection each time, and reports
 pass or fail to the endpoint, which keeps the thresholds (see
-``EndpointPool.check_result``).
+``endpoints.Endpoint.check_result``).
 
 A 2xx or 3xx status line within the timeout is a pass; anything else (refused,
 reset, timeout, 4xx, 5xx, not HTTP) is a failure.
@@ -83,10 +83,10 @@ class HealthChecker:
             if wanted.get(target) != check:
                 task.cancel()
                 del self._running[target]
-        loop = asyncio.get_running_loop()
         for target, check in wanted.items():
             if target not in self._running:
-                task = loop.create_task(check_forever(target, check))
+                # The loop is looked up only here: following no checks needs none.
+                task = asyncio.get_running_loop().create_task(check_forever(target, check))
                 self._running[target] = (check, task)
 
     def close(self) -> None:

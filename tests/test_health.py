@@ -1,8 +1,9 @@
 """Endpoint health, outlier ejection, load balancing and retries.
 
-Two tiers: the balancer and the health state driven directly (in an event
-loop, no proxy), then real grayproxy processes in front of real upstreams
-that fail, hang, answer 5xx or get killed."""
+Two tiers: the balancer and the health state driven directly (no proxy, and
+for ejection and choice no event loop either: a fake clock whose timers fire
+when the test moves time on), then real grayproxy processes in front of real
+upstreams that fail, hang, answer 5xx or get killed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
 
 import pytest
 from aiohttp import web
@@ -29,13 +30,15 @@ from proxy.config import (
     OutlierDetection,
     Service,
     Split,
+    Timeouts,
     Version,
 )
+from proxy.endpoints import Balancer, Endpoint, Upstreams
 from proxy.errors import UpstreamOverflow
 from proxy.health import HealthChecker, check_request, probe, status_passes
 from proxy.metrics import Metrics
 from proxy.state import LiveState
-from proxy.upstreams import Balancer, EndpointPool, Upstreams
+from proxy.upstream import UpstreamConnection
 
 from procs import ProxyProcess, free_port, http_get
 from servers import AppServer, LoopThread, decode_json
@@ -43,6 +46,46 @@ from servers import AppServer, LoopThread, decode_json
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------- in-process
+
+
+@dataclass
+class FakeTimer:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """Time that moves only when the test says, and the timers due on it:
+    both the endpoints' clock and their timers."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+        self.timers: list[FakeTimer] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list[FakeTimer]:
+        return [timer for timer in self.timers if not timer.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        """Move on by `seconds`, running the timers that fall due, in order."""
+        end = self.now + seconds
+        while due := [timer for timer in self.pending() if timer.when <= end]:
+            timer = min(due, key=lambda timer: timer.when)
+            self.timers.remove(timer)
+            self.now = timer.when
+            timer.callback()
+        self.now = end
 
 
 def service(endpoints: int = 2, **settings: Any) -> Service:
@@ -60,122 +103,138 @@ def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(body())
 
 
-def balancer_for(svc: Service) -> Balancer:
-    balancer = Balancer("web/v1")
+def balancer_for(svc: Service, clock: FakeClock | None = None) -> Balancer:
+    clock = clock or FakeClock()
+    balancer = Balancer("web/v1", clock, clock)
     balancer.configure(svc, svc.versions[0])
     return balancer
 
 
 def test_round_robin_takes_each_endpoint_in_turn() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(3))
-        picks = [balancer.choose() for _ in range(300)]
-        assert Counter(pool.address.port for pool in picks if pool) == {
-            20000: 100,
-            20001: 100,
-            20002: 100,
-        }
-        assert picks[0] is not picks[1] is not picks[2]
-
-    run(body)
+    balancer = balancer_for(service(3))
+    picks = [balancer.choose() for _ in range(300)]
+    assert Counter(endpoint.address.port for endpoint in picks if endpoint) == {
+        20000: 100,
+        20001: 100,
+        20002: 100,
+    }
+    assert picks[0] is not picks[1] is not picks[2]
 
 
 def test_a_retry_never_goes_back_to_an_endpoint_already_tried() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(3))
-        tried: list[EndpointPool] = []
-        while (pool := balancer.choose(tried)) is not None:
-            assert pool not in tried
-            tried.append(pool)
-        assert len(tried) == 3
-
-    run(body)
+    balancer = balancer_for(service(3))
+    tried: list[Endpoint] = []
+    while (endpoint := balancer.choose(tried)) is not None:
+        assert endpoint not in tried
+        tried.append(endpoint)
+    assert len(tried) == 3
 
 
 def test_least_request_prefers_the_endpoint_with_fewer_requests_in_flight() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(2, load_balancing="least_request"))
-        busy, idle = balancer.pools
-        busy.begin()
-        assert all(balancer.choose() is idle for _ in range(100))
-        busy.end(200)
-        assert {balancer.choose() for _ in range(100)} == {busy, idle}
-
-    run(body)
+    balancer = balancer_for(service(2, load_balancing="least_request"))
+    busy, idle = balancer.endpoints
+    busy.begin()
+    assert all(balancer.choose() is idle for _ in range(100))
+    busy.end(200)
+    assert {balancer.choose() for _ in range(100)} == {busy, idle}
 
 
 def test_least_request_on_many_endpoints_avoids_the_loaded_ones() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(10, load_balancing="least_request"))
-        for pool in balancer.pools[:5]:
-            for _ in range(3):
-                pool.begin()
-        picks = Counter(balancer.choose() for _ in range(1000))
-        loaded = sum(picks[pool] for pool in balancer.pools[:5])
-        # A loaded endpoint wins only when both random choices are loaded ones.
-        assert loaded < 1000 * 0.35
-
-    run(body)
+    balancer = balancer_for(service(10, load_balancing="least_request"))
+    for endpoint in balancer.endpoints[:5]:
+        for _ in range(3):
+            endpoint.begin()
+    picks = Counter(balancer.choose() for _ in range(1000))
+    loaded = sum(picks[endpoint] for endpoint in balancer.endpoints[:5])
+    # A loaded endpoint wins only when both random choices are loaded ones.
+    assert loaded < 1000 * 0.35
 
 
 def test_a_full_endpoint_is_skipped_then_overflow_is_503() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(2, max_connections_per_endpoint=1))
-        first, second = balancer.pools
-        first.begin()
-        assert all(balancer.choose() is second for _ in range(10))
-        second.begin()
-        with pytest.raises(UpstreamOverflow) as overflow:
-            balancer.choose()
-        assert overflow.value.status == 503 and overflow.value.kind == "overflow"
-        assert balancer.choose([first, second]) is None  # nothing left to try is not overflow
-        first.end(200)
-        assert balancer.choose() is first
-
-    run(body)
+    balancer = balancer_for(service(2, max_connections_per_endpoint=1))
+    first, second = balancer.endpoints
+    first.begin()
+    assert all(balancer.choose() is second for _ in range(10))
+    second.begin()
+    with pytest.raises(UpstreamOverflow) as overflow:
+        balancer.choose()
+    assert overflow.value.status == 503 and overflow.value.kind == "overflow"
+    assert balancer.choose([first, second]) is None  # nothing left to try is not overflow
+    first.end(200)
+    assert balancer.choose() is first
 
 
 def test_consecutive_5xx_eject_and_any_other_answer_resets_the_count() -> None:
-    async def body() -> None:
-        balancer = balancer_for(service(2, outlier_detection=OutlierDetection(consecutive_5xx=3)))
-        pool = balancer.pools[0]
-        for status in (500, 502, 404, 503, 0, 499, 504):  # 404 resets; 0 and 499 do not
-            pool.begin()
-            pool.end(status)
-        assert pool.healthy
-        pool.begin()
-        pool.end(500)
-        assert not pool.healthy
-        assert balancer.healthy == (balancer.pools[1],)
+    clock = FakeClock()
+    outlier = OutlierDetection(consecutive_5xx=3, base_ejection_time=30.0)
+    balancer = balancer_for(service(2, outlier_detection=outlier), clock)
+    endpoint = balancer.endpoints[0]
+    for status in (500, 502, 404, 503, 0, 499, 504):  # 404 resets; 0 and 499 do not
+        endpoint.begin()
+        endpoint.end(status)
+    assert endpoint.healthy
+    endpoint.begin()
+    endpoint.end(500)
+    assert not endpoint.healthy
+    assert balancer.healthy == (balancer.endpoints[1],)
+    assert [timer.when for timer in clock.pending()] == [clock.now + 30.0]
 
-    run(body)
 
-
-def test_ejection_time_grows_with_each_ejection_up_to_the_cap() -> None:
-    async def body() -> None:
-        outlier = OutlierDetection(base_ejection_time=10.0, max_ejection_time=25.0)
-        balancer = balancer_for(service(2, outlier_detection=outlier))
-        pool = balancer.pools[0]
-        durations = []
-        for _ in range(4):
-            durations.append(pool.eject(outlier))
-            pool.end_ejection()
-        assert durations == [10.0, 20.0, 25.0, 25.0]
-
-    run(body)
+def test_consecutive_connect_failures_eject() -> None:
+    clock = FakeClock()
+    outlier = OutlierDetection(consecutive_connect_failures=2)
+    balancer = balancer_for(service(2, outlier_detection=outlier), clock)
+    endpoint = balancer.endpoints[0]
+    endpoint._connect_failed()
+    assert endpoint.healthy
+    endpoint._connect_failed()
+    assert not endpoint.healthy and endpoint not in balancer.healthy
 
 
 def test_an_ejected_endpoint_returns_after_its_ejection_time() -> None:
-    async def body() -> None:
-        outlier = OutlierDetection(consecutive_connect_failures=1, base_ejection_time=0.05)
-        balancer = balancer_for(service(2, outlier_detection=outlier))
-        pool = balancer.pools[0]
-        balancer.eject(pool, "test")
-        assert not pool.healthy and len(balancer.healthy) == 1
-        await asyncio.sleep(0.1)
-        assert pool.healthy and len(balancer.healthy) == 2
+    clock = FakeClock()
+    outlier = OutlierDetection(base_ejection_time=30.0)
+    balancer = balancer_for(service(2, outlier_detection=outlier), clock)
+    endpoint = balancer.endpoints[0]
+    balancer.eject(endpoint, "test")
+    assert not endpoint.healthy and balancer.healthy == (balancer.endpoints[1],)
+    clock.advance(29.9)
+    assert not endpoint.healthy
+    clock.advance(0.1)
+    assert endpoint.healthy and balancer.healthy == balancer.endpoints
+    assert endpoint.returned_at == clock.now and not clock.pending()
 
-    run(body)
+
+def test_ejection_time_grows_with_each_ejection_up_to_the_cap() -> None:
+    clock = FakeClock()
+    outlier = OutlierDetection(base_ejection_time=10.0, max_ejection_time=25.0)
+    balancer = balancer_for(service(2, outlier_detection=outlier), clock)
+    endpoint = balancer.endpoints[0]
+    durations = []
+    for _ in range(4):  # ejected again as soon as it is back
+        durations.append(endpoint.eject(outlier))
+        clock.advance(durations[-1])
+        assert endpoint.healthy
+    assert durations == [10.0, 20.0, 25.0, 25.0]
+
+
+def test_the_ejection_multiplier_wears_off_by_one_per_base_time_in_rotation() -> None:
+    clock = FakeClock()
+    outlier = OutlierDetection(base_ejection_time=10.0, max_ejection_time=300.0)
+    balancer = balancer_for(service(2, outlier_detection=outlier), clock)
+    endpoint = balancer.endpoints[0]
+
+    def eject_after(in_rotation: float) -> float:
+        clock.advance(in_rotation)
+        seconds = endpoint.eject(outlier)
+        clock.advance(seconds)  # and back
+        return seconds
+
+    assert [eject_after(0.0) for _ in range(3)] == [10.0, 20.0, 30.0]
+    assert eject_after(9.9) == 40.0  # less than one base time back: nothing worn off
+    assert eject_after(10.0) == 40.0  # one worn off, one added
+    assert eject_after(25.0) == 30.0  # two worn off
+    assert eject_after(1000.0) == 10.0  # all of it
 
 
 @pytest.mark.parametrize(
@@ -186,47 +245,70 @@ def test_an_ejected_endpoint_returns_after_its_ejection_time() -> None:
 def test_max_ejection_percent_but_one_endpoint_always_can_be(
     endpoints: int, percent: int, ejectable: int
 ) -> None:
-    async def body() -> None:
-        outlier = OutlierDetection(max_ejection_percent=percent)
-        balancer = balancer_for(service(endpoints, outlier_detection=outlier))
-        for pool in balancer.pools:
-            balancer.eject(pool, "test")
-        assert sum(pool.ejected for pool in balancer.pools) == ejectable
-        assert len(balancer.healthy) == endpoints - ejectable
-        balancer.close()
-
-    run(body)
+    clock = FakeClock()
+    outlier = OutlierDetection(max_ejection_percent=percent)
+    balancer = balancer_for(service(endpoints, outlier_detection=outlier), clock)
+    for endpoint in balancer.endpoints:
+        balancer.eject(endpoint, "test")
+    assert sum(endpoint.ejected for endpoint in balancer.endpoints) == ejectable
+    assert len(balancer.healthy) == endpoints - ejectable
+    assert len(clock.pending()) == ejectable
+    balancer.close()
+    assert not clock.pending()  # closing calls off the returns
 
 
 def test_active_check_thresholds() -> None:
-    async def body() -> None:
-        check = HealthCheck(healthy_threshold=2, unhealthy_threshold=3)
-        balancer = balancer_for(service(1, health_check=check))
-        (pool,) = balancer.pools
-        for passed in (False, False, True, False, False):
-            pool.check_result(passed, check)
-        assert pool.healthy  # never three failures in a row
-        pool.check_result(False, check)
-        assert not pool.healthy and balancer.choose() is None
-        pool.check_result(True, check)
-        assert not pool.healthy
-        pool.check_result(True, check)
-        assert pool.healthy and balancer.choose() is pool
-
-    run(body)
+    check = HealthCheck(healthy_threshold=2, unhealthy_threshold=3)
+    balancer = balancer_for(service(1, health_check=check))
+    (endpoint,) = balancer.endpoints
+    for passed in (False, False, True, False, False):
+        endpoint.check_result(passed, check)
+    assert endpoint.healthy  # never three failures in a row
+    endpoint.check_result(False, check)
+    assert not endpoint.healthy and balancer.choose() is None
+    endpoint.check_result(True, check)
+    assert not endpoint.healthy
+    endpoint.check_result(True, check)
+    assert endpoint.healthy and balancer.choose() is endpoint
 
 
 def test_a_passing_check_ends_an_ejection_early() -> None:
-    async def body() -> None:
-        check = HealthCheck()
-        balancer = balancer_for(service(2, health_check=check))
-        pool = balancer.pools[0]
-        balancer.eject(pool, "test")
-        assert not pool.healthy
-        pool.check_result(True, check)
-        assert pool.healthy and pool in balancer.healthy
+    clock = FakeClock()
+    check = HealthCheck()
+    balancer = balancer_for(service(2, health_check=check), clock)
+    endpoint = balancer.endpoints[0]
+    balancer.eject(endpoint, "test")
+    assert not endpoint.healthy
+    clock.advance(1.0)
+    endpoint.check_result(True, check)
+    assert endpoint.healthy and endpoint in balancer.healthy
+    assert endpoint.returned_at == clock.now and not clock.pending()
 
-    run(body)
+
+def test_idle_connections_expire_on_the_endpoints_clock() -> None:
+    class Transport:
+        closed = False
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def abort(self) -> None:
+            self.closed = True
+
+    clock = FakeClock()
+    balancer = balancer_for(service(1, timeouts=Timeouts(idle=60.0)), clock)
+    (endpoint,) = balancer.endpoints
+    old, new = UpstreamConnection(endpoint), UpstreamConnection(endpoint)
+    for conn in (old, new):
+        conn.transport = cast(asyncio.Transport, Transport())
+        endpoint.release(conn)
+        clock.advance(30.0)
+    endpoint.close_expired(clock.now)  # old: idle 60 s, not over
+    assert "2 idle" in repr(endpoint)
+    clock.advance(0.5)
+    endpoint.close_expired(clock.now)
+    assert "1 idle" in repr(endpoint)
+    assert endpoint.take_idle() is new and endpoint.take_idle() is None
 
 
 def config_of(*services: Service) -> Config:
@@ -234,26 +316,26 @@ def config_of(*services: Service) -> Config:
 
 
 def test_reload_keeps_the_health_of_endpoints_that_stay() -> None:
-    async def body() -> None:
-        upstreams = Upstreams()
-        svc = service(2)
-        upstreams.update(config_of(svc))
-        balancer = upstreams.balancer("web", "v1")
-        kept, dropped = balancer.pools
-        balancer.eject(kept, "test")
-        added = Address("127.0.0.1", 20100)
-        moved = replace(svc, versions=(Version("v1", (kept.address, added)),))
-        upstreams.update(config_of(replace(moved, load_balancing="least_request")))
-        assert upstreams.balancer("web", "v1") is balancer  # in-flight requests keep theirs
-        assert balancer.pools[0] is kept and not kept.healthy
-        assert dropped.closed and balancer.pools[1].address == added
-        assert balancer.least_request
-        assert [pool.address for pool in balancer.pools] == [kept.address, added]
-        assert not upstreams.endpoint_healthy("web", "v1", kept.address)
-        assert upstreams.endpoint_healthy("web", "v1", added)
-        upstreams.close()
-
-    run(body)
+    clock = FakeClock()
+    upstreams = Upstreams(clock, clock)
+    svc = service(2)
+    upstreams.update(config_of(svc))
+    balancer = upstreams.balancer("web", "v1")
+    kept, dropped = balancer.endpoints
+    balancer.eject(kept, "test")
+    added = Address("127.0.0.1", 20100)
+    moved = replace(svc, versions=(Version("v1", (kept.address, added)),))
+    upstreams.update(config_of(replace(moved, load_balancing="least_request")))
+    assert upstreams.balancer("web", "v1") is balancer  # in-flight requests keep theirs
+    assert balancer.endpoints[0] is kept and not kept.healthy
+    assert dropped.closed and balancer.endpoints[1].address == added
+    assert balancer.least_request
+    assert [endpoint.address for endpoint in balancer.endpoints] == [kept.address, added]
+    assert not upstreams.endpoint_healthy("web", "v1", kept.address)
+    assert upstreams.endpoint_healthy("web", "v1", added)
+    clock.advance(30.0)  # the default base_ejection_time
+    assert upstreams.endpoint_healthy("web", "v1", kept.address)
+    upstreams.close()
 
 
 def test_health_checks_follow_the_config() -> None:
@@ -283,11 +365,11 @@ def test_endpoints_without_checks_are_healthy_again_when_checks_are_removed() ->
         upstreams = Upstreams()
         check = HealthCheck(unhealthy_threshold=1)
         upstreams.update(config_of(service(1, health_check=check)))
-        (pool,) = upstreams.balancer("web", "v1").pools
-        pool.check_result(False, check)
-        assert not pool.healthy
+        (endpoint,) = upstreams.balancer("web", "v1").endpoints
+        endpoint.check_result(False, check)
+        assert not endpoint.healthy
         upstreams.update(config_of(service(1)))
-        assert pool.healthy
+        assert endpoint.healthy
         upstreams.close()
 
     run(body)

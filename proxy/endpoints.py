@@ -1,235 +1,78 @@
-"""Upstream endpoints: keep-alive connection pools, health, load balancing,
-the HTTP/1.1 client side of one exchange.
+"""Endpoints: which one serves a request, and whether each is fit to.
 
-An `UpstreamConnection` parses responses with httptools (llhttp, strict) and
-hands every event to the exchange currently using it (`dataplane.Exchange`); it knows
-nothing about clients. An `EndpointPool` is one endpoint of one version: its
-idle connections, its requests in flight and its health (outlier ejection from
-real requests, verdicts of active checks). A `Balancer` holds one version's
-endpoints and chooses among those in rotation: O(1) per request, since the
-in-rotation tuple is rebuilt only when an endpoint's health changes.
-`Upstreams` keeps every balancer in step with the live config.
+An `Endpoint` is one address of one version: its idle keep-alive connections,
+its requests in flight and its health (outlier ejection from real requests,
+verdicts of active checks). A `Balancer` holds one version's endpoints and
+chooses among those in rotation: O(1) per request, since the in-rotation tuple
+is rebuilt only when an endpoint's health changes. `Upstreams` keeps every
+balancer in step with the live config and runs the active checks.
+
+Time comes from an injected clock, and ejections end through injected timers
+(by default `time.monotonic` and the running event loop), so that health and
+choice can be driven without an event loop. The connections themselves are
+`upstream.UpstreamConnection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from random import random, randrange
 from time import monotonic
-from typing import TYPE_CHECKING, Final, cast
-
-import httptools
+from typing import Final, Protocol
 
 from .config import Address, Config, HealthCheck, OutlierDetection, Service, Timeouts, Version
-from .errors import (
-    BadUpstreamResponse,
-    ProxyError,
-    UpstreamConnectError,
-    UpstreamConnectTimeout,
-    UpstreamOverflow,
-    UpstreamReset,
-)
+from .errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamOverflow
 from .health import Checked, HealthChecker
+from .upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
 
 MAX_IDLE_PER_ENDPOINT: Final = 256
 UNLIMITED: Final = sys.maxsize  # max_connections_per_endpoint: 0
 
-if TYPE_CHECKING:
-    # The one receiver of response events. Named exactly, not by a Protocol,
-    # so that the compiled data path calls it directly.
-    from .dataplane import Exchange
+Clock = Callable[[], float]  # seconds, monotonic
 
 
-class UpstreamConnection(asyncio.Protocol):
-    __slots__ = (
-        "_headers",
-        "_in_body",
-        "_informational",
-        "_parser",
-        "_skip_body",
-        "idle_since",
-        "pool",
-        "received",
-        "reused",
-        "sink",
-        "transport",
-        "upgraded",
-    )
+class Timer(Protocol):
+    """A callback due later that can be called off (an `asyncio.TimerHandle`)."""
 
-    def __init__(self, pool: EndpointPool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.sink: Exchange | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._informational = False
-        self._skip_body = False
-        self._in_body = False  # between a response's head and its end
-        self.received = False  # any byte of the current response arrived
-        self.reused = False
-        self.upgraded = False  # a 101 turned this connection into a byte tunnel
-        self.idle_since = 0.0  # when it went back to the pool (time.monotonic)
-
-    def __repr__(self) -> str:
-        state = "busy" if self.sink else "idle"
-        return f"<UpstreamConnection {self.pool.address} {state}>"
-
-    # -- used by the exchange --------------------------------------------
-    def start(self, sink: Exchange, head: bytes, skip_body: bool) -> None:
-        """Begin an exchange: `skip_body` for HEAD, whose response has no body."""
-        self.sink = sink
-        self.received = False
-        self._skip_body = skip_body
-        self._headers = []  # here rather than in on_message_begin: one callback less
-        assert self.transport is not None
-        self.transport.write(head)
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def finish(self, reusable: bool) -> None:
-        """The exchange is done with this connection: back to the pool or closed."""
-        self.sink = None
-        if reusable and self.transport is not None and not self.transport.is_closing():
-            self.pool.release(self)
-        else:
-            self.abort()
-
-    def abort(self) -> None:
-        self.sink = None
-        if self.transport is not None:
-            self.transport.abort()
-
-    def pause_reading(self, paused: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        if paused:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
-
-    # -- asyncio.Protocol ------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        if self.sink is None:  # bytes on an idle connection: the upstream misbehaves
-            self.abort()
-            return
-        if self.upgraded:
-            self.sink.tunnel_data(data)
-            return
-        self.received = True
-        sink = self.sink
-        try:
-            self._parser.feed_data(data)
-            sink.flush()
-        except httptools.HttpParserError as exc:
-            self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
-        except httptools.HttpParserUpgrade as exc:
-            rest = data[exc.args[0] :]
-            if rest and self.sink is not None:
-                self.sink.tunnel_data(rest)
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pool.discard(self)
-        self.transport = None
-        if self.upgraded and self.sink is not None:
-            sink, self.sink = self.sink, None
-            sink.tunnel_closed()
-        elif self.sink is not None and self._in_body and self._close_delimited():
-            self.sink.response_complete()  # the close is how such a body ends
-        elif self.sink is not None:
-            self._fail(UpstreamReset("upstream closed the connection before the response ended"))
-
-    def _close_delimited(self) -> bool:
-        """A response with neither Content-Length nor Transfer-Encoding."""
-        framing = (b"content-length", b"transfer-encoding")
-        return not any(name.lower() in framing for name, _ in self._headers)
-
-    def pause_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.upstream_write_paused(True)
-
-    def resume_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.upstream_write_paused(False)
-
-    def _fail(self, error: ProxyError) -> None:
-        sink, self.sink = self.sink, None
-        if self.transport is not None:
-            self.transport.abort()
-        if sink is not None:
-            sink.upstream_failed(error)
-
-    # -- httptools callbacks ---------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        sink = self.sink
-        if sink is None:
-            return
-        status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self._informational = True
-            sink.response_informational(status, self._headers)
-            self._headers = []  # the final response's follow
-            return
-        if status == 101 and not sink.upgrade:
-            self._fail(BadUpstreamResponse("upstream switched protocols unasked"))
-            return
-        self.upgraded = status == 101
-        self._in_body = True
-        sink.response_head(status, self._headers, not self._parser.should_keep_alive())
-        if self._skip_body and self.sink is sink:
-            # llhttp cannot be told that this answers a HEAD: end the message
-            # here and start the next one with a fresh parser.
-            self._parser = httptools.HttpResponseParser(self)
-            self._in_body = False
-            sink.response_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink.response_body(body)
-
-    def on_message_complete(self) -> None:
-        self._in_body = False
-        if self._informational:
-            self._informational = False
-            return
-        if self.upgraded:
-            return
-        if self.sink is not None:
-            self.sink.response_complete()
+    def cancel(self) -> None: ...
 
 
-class EndpointPool:
+class Timers(Protocol):
+    """Where callbacks are scheduled: an ejection's end."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
+
+
+class LoopTimers:
+    """The running event loop's timers (the default)."""
+
+    __slots__ = ()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+LOOP_TIMERS: Final = LoopTimers()
+
+
+class Endpoint:
     """One endpoint of one version: idle keep-alive connections, requests in
     flight, and health, passive (outlier ejection) and active (checks)."""
 
     __slots__ = (
         "_idle",
-        "_loop",
         "_return_timer",
         "address",
         "balancer",
         "check_failures",
         "check_passes",
         "checked_healthy",
+        "clock",
         "closed",
         "connect_failures",
         "connecting",
@@ -240,15 +83,23 @@ class EndpointPool:
         "max_connections",
         "outstanding",
         "returned_at",
+        "timers",
     )
 
-    def __init__(self, address: Address, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        address: Address,
+        balancer: Balancer,
+        clock: Clock = monotonic,
+        timers: Timers = LOOP_TIMERS,
+    ) -> None:
         self.address = address
         self.balancer = balancer
+        self.clock = clock
+        self.timers = timers
         self.idle_timeout = Timeouts().idle  # both set by Balancer.configure
         self.max_connections = UNLIMITED
         self._idle: list[UpstreamConnection] = []
-        self._loop = asyncio.get_running_loop()
         self.closed = False
         self.outstanding = 0  # requests in flight on this endpoint
         self.connecting = 0  # connections being opened
@@ -257,8 +108,8 @@ class EndpointPool:
         self.connect_failures = 0
         self.ejected = False
         self.ejections = 0  # the ejection time multiplier
-        self.returned_at = 0.0  # when the last ejection ended (loop time)
-        self._return_timer: asyncio.TimerHandle | None = None
+        self.returned_at = 0.0  # when the last ejection ended (clock time)
+        self._return_timer: Timer | None = None
         # Active health: the verdict of the health checks and the current run.
         self.checked_healthy = True
         self.check_passes = 0
@@ -266,7 +117,7 @@ class EndpointPool:
 
     def __repr__(self) -> str:
         return (
-            f"<EndpointPool {self.balancer.name} {self.address} healthy={self.healthy} "
+            f"<Endpoint {self.balancer.name} {self.address} healthy={self.healthy} "
             f"[{self.outstanding} in flight | {len(self._idle)} idle]>"
         )
 
@@ -292,7 +143,7 @@ class EndpointPool:
         self.connecting += 1
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await self._loop.create_connection(
+                _, conn = await asyncio.get_running_loop().create_connection(
                     lambda: UpstreamConnection(self), self.address.host, self.address.port
                 )
         except TimeoutError:
@@ -312,7 +163,7 @@ class EndpointPool:
         if self.closed or len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.abort()
             return
-        conn.idle_since = monotonic()
+        conn.idle_since = self.clock()
         self._idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
@@ -320,7 +171,8 @@ class EndpointPool:
             self._idle.remove(conn)
 
     def close_expired(self, now: float) -> None:
-        """Close the connections idle for longer than `idle_timeout` (oldest first)."""
+        """Close the connections idle for longer than `idle_timeout` (oldest
+        first); `now` on this endpoint's clock."""
         idle = self._idle
         while idle and now - idle[0].idle_since > self.idle_timeout:
             idle.pop(0).abort()
@@ -363,14 +215,14 @@ class EndpointPool:
     def eject(self, outlier: OutlierDetection) -> float:
         """Out of rotation for base_ejection_time x the ejection count (capped);
         the count wears off by one for each base time spent back in rotation."""
-        now = self._loop.time()
+        now = self.clock()
         base = outlier.base_ejection_time
         worn_off = int((now - self.returned_at) / base)
         self.ejections = max(0, self.ejections - worn_off) + 1
         seconds = min(base * self.ejections, max(base, outlier.max_ejection_time))
         self.ejected = True
         self.errors_5xx = self.connect_failures = 0
-        self._return_timer = self._loop.call_later(seconds, self.end_ejection)
+        self._return_timer = self.timers.call_later(seconds, self.end_ejection)
         return seconds
 
     def end_ejection(self) -> None:
@@ -379,7 +231,7 @@ class EndpointPool:
             self._return_timer = None
         if self.ejected:
             self.ejected = False
-            self.returned_at = self._loop.time()
+            self.returned_at = self.clock()
             log.info("%s: endpoint %s back in rotation", self.balancer.name, self.address)
             self.balancer.refresh()
 
@@ -418,42 +270,56 @@ class Balancer:
     and the choice among those (round robin, or least request by power of
     two random choices). Kept across reloads; `configure` adopts new settings."""
 
-    __slots__ = ("_next", "healthy", "least_request", "max_attempts", "name", "outlier", "pools")
+    __slots__ = (
+        "_next",
+        "clock",
+        "endpoints",
+        "healthy",
+        "least_request",
+        "max_attempts",
+        "name",
+        "outlier",
+        "timers",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Clock = monotonic, timers: Timers = LOOP_TIMERS) -> None:
         self.name = name  # "service/version", for logs
-        self.pools: tuple[EndpointPool, ...] = ()
-        self.healthy: tuple[EndpointPool, ...] = ()  # in rotation; rebuilt when health changes
+        self.clock = clock  # for the endpoints it creates
+        self.timers = timers
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.healthy: tuple[Endpoint, ...] = ()  # in rotation; rebuilt when health changes
         self.least_request = False
         self.max_attempts = 1  # endpoints one request may try: 1 + retries.attempts
         self.outlier = OutlierDetection()
         self._next = randrange(1 << 16)  # workers do not all start on the same endpoint
 
     def __repr__(self) -> str:
-        return f"<Balancer {self.name} [{len(self.healthy)}/{len(self.pools)} in rotation]>"
+        return f"<Balancer {self.name} [{len(self.healthy)}/{len(self.endpoints)} in rotation]>"
 
     def configure(self, service: Service, version: Version) -> None:
         """Adopt a (re)loaded version: endpoints that stay keep their connections and health."""
-        old = {pool.address: pool for pool in self.pools}
-        self.pools = tuple(old.get(a) or EndpointPool(a, self) for a in version.endpoints)
-        for address, pool in old.items():
+        old = {endpoint.address: endpoint for endpoint in self.endpoints}
+        self.endpoints = tuple(
+            old.get(a) or Endpoint(a, self, self.clock, self.timers) for a in version.endpoints
+        )
+        for address, endpoint in old.items():
             if address not in version.endpoints:
-                pool.close()
+                endpoint.close()
         self.least_request = service.load_balancing == "least_request"
         self.max_attempts = 1 + service.retries.attempts
         self.outlier = service.outlier_detection
         limit = service.max_connections_per_endpoint or UNLIMITED
-        for pool in self.pools:
-            pool.idle_timeout = service.timeouts.idle
-            pool.max_connections = limit
+        for endpoint in self.endpoints:
+            endpoint.idle_timeout = service.timeouts.idle
+            endpoint.max_connections = limit
             if service.health_check is None:
-                pool.forget_checks()
+                endpoint.forget_checks()
         self.refresh()
 
     def refresh(self) -> None:
-        self.healthy = tuple(pool for pool in self.pools if pool.healthy)
+        self.healthy = tuple(endpoint for endpoint in self.endpoints if endpoint.healthy)
 
-    def choose(self, tried: Sequence[EndpointPool] = ()) -> EndpointPool | None:
+    def choose(self, tried: Sequence[Endpoint] = ()) -> Endpoint | None:
         """An endpoint in rotation, not `tried` yet by this request, with room
         for a connection. None when none is left to try; UpstreamOverflow
         when those left are all at their connection limit."""
@@ -466,46 +332,54 @@ class Balancer:
             second = int(random() * (count - 1))
             second += second >= first
             a, b = healthy[first], healthy[second]
-            pool = a if a.outstanding + a.connecting <= b.outstanding + b.connecting else b
+            endpoint = a if a.outstanding + a.connecting <= b.outstanding + b.connecting else b
         else:
-            pool = healthy[self._next % count]
+            endpoint = healthy[self._next % count]
             self._next += 1
-        if pool.outstanding + pool.connecting < pool.max_connections and pool not in tried:
-            return pool
+        if (
+            endpoint.outstanding + endpoint.connecting < endpoint.max_connections
+            and endpoint not in tried
+        ):
+            return endpoint
         return self._choose_among_all(tried)
 
-    def _choose_among_all(self, tried: Sequence[EndpointPool]) -> EndpointPool | None:
+    def _choose_among_all(self, tried: Sequence[Endpoint]) -> Endpoint | None:
         """The slow path, for a retry or a full endpoint: look at every one."""
-        left = [pool for pool in self.healthy if pool not in tried]
+        left = [endpoint for endpoint in self.healthy if endpoint not in tried]
         if not left:
             return None
-        with_room = [pool for pool in left if pool.has_room]
+        with_room = [endpoint for endpoint in left if endpoint.has_room]
         if not with_room:
             raise UpstreamOverflow(
                 f"every endpoint of {self.name} is at its limit of "
                 f"{left[0].max_connections} connections"
             )
         if self.least_request:
-            return min(with_room, key=lambda pool: pool.outstanding + pool.connecting)
-        pool = with_room[self._next % len(with_room)]
+            return min(with_room, key=lambda endpoint: endpoint.outstanding + endpoint.connecting)
+        endpoint = with_room[self._next % len(with_room)]
         self._next += 1
-        return pool
+        return endpoint
 
-    def eject(self, pool: EndpointPool, reason: str) -> None:
-        """Take `pool` out of rotation, unless more than max_ejection_percent
+    def eject(self, endpoint: Endpoint, reason: str) -> None:
+        """Take `endpoint` out of rotation, unless more than max_ejection_percent
         of the version would then be ejected; one endpoint always can be."""
-        if pool.ejected or pool.closed:
+        if endpoint.ejected or endpoint.closed:
             return
-        ejected = sum(other.ejected for other in self.pools)
-        if ejected and (ejected + 1) * 100 > len(self.pools) * self.outlier.max_ejection_percent:
+        ejected = sum(other.ejected for other in self.endpoints)
+        if (
+            ejected
+            and (ejected + 1) * 100 > len(self.endpoints) * self.outlier.max_ejection_percent
+        ):
             return
-        seconds = pool.eject(self.outlier)
-        log.warning("%s: endpoint %s ejected for %gs: %s", self.name, pool.address, seconds, reason)
+        seconds = endpoint.eject(self.outlier)
+        log.warning(
+            "%s: endpoint %s ejected for %gs: %s", self.name, endpoint.address, seconds, reason
+        )
         self.refresh()
 
     def close(self) -> None:
-        for pool in self.pools:
-            pool.close()
+        for endpoint in self.endpoints:
+            endpoint.close()
 
 
 class Upstreams:
@@ -513,7 +387,9 @@ class Upstreams:
     stay keep their connections and health across reloads), and the active
     health checks of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = monotonic, timers: Timers = LOOP_TIMERS) -> None:
+        self._clock = clock
+        self._timers = timers
         self._balancers: dict[tuple[str, str], Balancer] = {}
         self._checker = HealthChecker()
 
@@ -521,34 +397,38 @@ class Upstreams:
         return f"<Upstreams [{len(self._balancers)} versions]>"
 
     def update(self, config: Config) -> None:
-        """Adopt a new snapshot's services (call from the event loop)."""
+        """Adopt a new snapshot's services (call from the event loop when any
+        service has a health check: the checks run there)."""
         balancers: dict[tuple[str, str], Balancer] = {}
         checks: dict[Checked, HealthCheck] = {}
         for service in config.services:
             for version in service.versions:
                 key = (service.name, version.name)
-                balancer = self._balancers.pop(key, None) or Balancer("/".join(key))
+                balancer = self._balancers.pop(key, None) or Balancer(
+                    "/".join(key), self._clock, self._timers
+                )
                 balancer.configure(service, version)
                 balancers[key] = balancer
                 if service.health_check is not None:
-                    checks.update(dict.fromkeys(balancer.pools, service.health_check))
+                    checks.update(dict.fromkeys(balancer.endpoints, service.health_check))
         for gone in self._balancers.values():
             gone.close()
         self._balancers = balancers
         self._checker.follow(checks)
 
     def close_expired(self, now: float) -> None:
+        """`now` on the endpoints' clock."""
         for balancer in self._balancers.values():
-            for pool in balancer.pools:
-                pool.close_expired(now)
+            for endpoint in balancer.endpoints:
+                endpoint.close_expired(now)
 
     def balancer(self, service: str, version: str) -> Balancer:
         return self._balancers[(service, version)]
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         balancer = self._balancers.get((service, version))
-        pools = balancer.pools if balancer is not None else ()
-        return all(pool.healthy for pool in pools if pool.address == address)
+        endpoints = balancer.endpoints if balancer is not None else ()
+        return all(endpoint.healthy for endpoint in endpoints if endpoint.address == address)
 
     def close(self) -> None:
         self._checker.close()

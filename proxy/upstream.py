@@ -1,0 +1,196 @@
+"""The upstream side of one exchange: an HTTP/1.1 client connection.
+
+An `UpstreamConnection` writes what the exchange sends, parses responses with
+httptools (llhttp, strict) and hands every event to the exchange currently
+using it (`dataplane.Exchange`); it knows nothing about clients, and nothing
+about choosing endpoints or their health (`endpoints`): when its exchange is
+done it goes back to its endpoint, or is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from .errors import BadUpstreamResponse, ProxyError, UpstreamReset
+
+if TYPE_CHECKING:
+    # The one receiver of response events, and the endpoint a connection goes
+    # back to. Named exactly, not by a Protocol, so that the compiled data path
+    # calls them directly.
+    from .dataplane import Exchange
+    from .endpoints import Endpoint
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_headers",
+        "_in_body",
+        "_informational",
+        "_parser",
+        "_skip_body",
+        "endpoint",
+        "idle_since",
+        "received",
+        "reused",
+        "sink",
+        "transport",
+        "upgraded",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.sink: Exchange | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._informational = False
+        self._skip_body = False
+        self._in_body = False  # between a response's head and its end
+        self.received = False  # any byte of the current response arrived
+        self.reused = False
+        self.upgraded = False  # a 101 turned this connection into a byte tunnel
+        self.idle_since = 0.0  # when it went back to its endpoint (the endpoint's clock)
+
+    def __repr__(self) -> str:
+        state = "busy" if self.sink else "idle"
+        return f"<UpstreamConnection {self.endpoint.address} {state}>"
+
+    # -- used by the exchange --------------------------------------------
+    def start(self, sink: Exchange, head: bytes, skip_body: bool) -> None:
+        """Begin an exchange: `skip_body` for HEAD, whose response has no body."""
+        self.sink = sink
+        self.received = False
+        self._skip_body = skip_body
+        self._headers = []  # here rather than in on_message_begin: one callback less
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def finish(self, reusable: bool) -> None:
+        """The exchange is done with this connection: back to its endpoint, or closed."""
+        self.sink = None
+        if reusable and self.transport is not None and not self.transport.is_closing():
+            self.endpoint.release(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:  # bytes on an idle connection: the upstream misbehaves
+            self.abort()
+            return
+        if self.upgraded:
+            self.sink.tunnel_data(data)
+            return
+        self.received = True
+        sink = self.sink
+        try:
+            self._parser.feed_data(data)
+            sink.flush()
+        except httptools.HttpParserError as exc:
+            self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            if rest and self.sink is not None:
+                self.sink.tunnel_data(rest)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.discard(self)
+        self.transport = None
+        if self.upgraded and self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.tunnel_closed()
+        elif self.sink is not None and self._in_body and self._close_delimited():
+            self.sink.response_complete()  # the close is how such a body ends
+        elif self.sink is not None:
+            self._fail(UpstreamReset("upstream closed the connection before the response ended"))
+
+    def _close_delimited(self) -> bool:
+        """A response with neither Content-Length nor Transfer-Encoding."""
+        framing = (b"content-length", b"transfer-encoding")
+        return not any(name.lower() in framing for name, _ in self._headers)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_write_paused(False)
+
+    def _fail(self, error: ProxyError) -> None:
+        sink, self.sink = self.sink, None
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.upstream_failed(error)
+
+    # -- httptools callbacks ---------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True
+            sink.response_informational(status, self._headers)
+            self._headers = []  # the final response's follow
+            return
+        if status == 101 and not sink.upgrade:
+            self._fail(BadUpstreamResponse("upstream switched protocols unasked"))
+            return
+        self.upgraded = status == 101
+        self._in_body = True
+        sink.response_head(status, self._headers, not self._parser.should_keep_alive())
+        if self._skip_body and self.sink is sink:
+            # llhttp cannot be told that this answers a HEAD: end the message
+            # here and start the next one with a fresh parser.
+            self._parser = httptools.HttpResponseParser(self)
+            self._in_body = False
+            sink.response_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        if self._informational:
+            self._informational = False
+            return
+        if self.upgraded:
+            return
+        if self.sink is not None:
+            self.sink.response_complete()
