@@ -21,6 +21,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Weights are ratios ({stable: 9, canary: 1} splits like {stable: 90, canary: 10}); the bound
+# keeps every weight exact at the split resolution of 0.01 (a float has 15-17 digits).
+MAX_WEIGHT = 1_000_000
+
 
 class ConfigError(Exception):
     """A refused configuration (or runtime change): every problem, one string each."""
@@ -296,7 +300,7 @@ def check_weights(service: Service, raw: object) -> dict[str, float]:
             errors.append(f"{path}: {_unknown_version(str(name), names)}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             errors.append(f"{path}: expected a number")
-        elif problem := _weight_problem(float(value)):
+        elif problem := _weight_problem(value):
             errors.append(f"{path}: {problem}")
         else:
             given[name] = float(value)
@@ -406,12 +410,15 @@ def _network(text: str) -> IPNetwork:
 
 
 def _weight_problem(weight: float) -> str | None:
-    if not math.isfinite(weight):
+    """Why ``weight`` (a float, or an int of any size) is refused, or None."""
+    if isinstance(weight, float) and not math.isfinite(weight):
         return "must be a finite number"
     if weight < 0:
         return "must not be negative"
+    if weight > MAX_WEIGHT:  # before float(): 1e35 would pass the resolution check below
+        return f"must be at most {MAX_WEIGHT} (weights are ratios: 9 and 1 split like 90 and 10)"
     # repr() is the shortest text that reads back as this float: "0.07", not 0.0700000000000000067
-    exponent = Decimal(repr(weight)).as_tuple().exponent
+    exponent = Decimal(repr(float(weight))).as_tuple().exponent
     if isinstance(exponent, int) and exponent < -2:
         return "must be a multiple of 0.01 (the split resolution)"
     return None
@@ -584,7 +591,9 @@ class _Reader:
         if not (isinstance(node, ScalarNode) and node.tag == _INT):
             self.error(path, node, f"expected an integer, got {_kind(node)}")
             return None
-        value = _SCALARS.construct_yaml_int(node)
+        value = self.int_value(node, path)
+        if value is None:
+            return None
         if value < minimum:
             self.error(path, node, f"must be at least {minimum}")
             return None
@@ -593,7 +602,13 @@ class _Reader:
     def number(self, node: Node, path: str) -> float | None:
         """An int or float; finite and not negative."""
         if isinstance(node, ScalarNode) and node.tag == _INT:
-            value = float(_SCALARS.construct_yaml_int(node))
+            integer = self.int_value(node, path)
+            if integer is None:
+                return None
+            try:
+                value = float(integer)
+            except OverflowError:  # past 1.8e308: refused like .inf, not a traceback
+                value = math.inf if integer > 0 else -math.inf
         elif isinstance(node, ScalarNode) and node.tag == _FLOAT:
             value = _SCALARS.construct_yaml_float(node)
         else:
@@ -604,6 +619,15 @@ class _Reader:
             return None
         if value < 0:
             self.error(path, node, "must not be negative")
+            return None
+        return value
+
+    def int_value(self, node: ScalarNode, path: str) -> int | None:
+        """An integer scalar's value; over 4300 digits (Python's conversion limit) is refused."""
+        try:
+            value: int = _SCALARS.construct_yaml_int(node)
+        except ValueError:
+            self.error(path, node, "too many digits")
             return None
         return value
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import (
+    MAX_WEIGHT,
     Address,
     Config,
     ConfigError,
@@ -470,6 +471,15 @@ ERROR_CASES = [
      "unknown version 'beta' (versions: stable, canary)"),
     (SPLIT + "      weights: {stable: 99.995, canary: 0.005}",
      "services[0].split.weights.stable", 5, "must be a multiple of 0.01"),
+    (SPLIT + "      weights: {stable: 1000000.01, canary: 1}", "services[0].split.weights.stable",
+     5, "must be at most 1000000"),
+    (SPLIT + "      weights: {stable: 1.0e+35, canary: 1}", "services[0].split.weights.stable", 5,
+     "must be at most 1000000"),
+    (SPLIT + f"      weights: {{stable: 1{'0' * 400}, canary: 1}}",
+     "services[0].split.weights.stable", 5, "must be a finite number"),
+    (SPLIT + f"      weights: {{stable: {'9' * 5000}, canary: 1}}",
+     "services[0].split.weights.stable", 5, "too many digits"),
+    (f"workers: {'9' * 5000}\n" + MINIMAL, "workers", 1, "too many digits"),
     (SPLIT + "      weights: {stable: '90', canary: 10}", "services[0].split.weights.stable", 5,
      "expected a number, got a string"),
     (SPLIT + "      weights: {stable: yes}", "services[0].split.weights.stable", 5,
@@ -603,6 +613,12 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     assert refused.value.errors == [
         f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
     ]
+
+
+def test_weights_up_to_the_maximum_are_exact() -> None:
+    (service,) = parse(SPLIT + f"      weights: {{stable: {MAX_WEIGHT}, canary: 0.01}}").services
+    assert service.split.weights == {"stable": 1_000_000.0, "canary": 0.01}
+    assert MAX_WEIGHT == 1_000_000
 
 
 def test_every_error_is_reported_at_once_in_line_order() -> None:
@@ -785,6 +801,9 @@ WEB = only_service("""
     """)
 
 
+RATIO_HINT = "(weights are ratios: 9 and 1 split like 90 and 10)"
+
+
 def test_check_weights_completes_and_orders() -> None:
     weights = check_weights(WEB, {"canary": 20, "stable": 80.5})
     assert list(weights.items()) == [("stable", 80.5), ("canary", 20.0), ("dark", 0.0)]
@@ -804,6 +823,10 @@ def test_check_weights_completes_and_orders() -> None:
         ({"stable": 0.001}, ["weights.stable: must be a multiple of 0.01 (the split resolution)"]),
         ({"stable": float("inf")}, ["weights.stable: must be a finite number"]),
         ({"stable": float("nan")}, ["weights.stable: must be a finite number"]),
+        ({"stable": 1e35}, [f"weights.stable: must be at most {MAX_WEIGHT} {RATIO_HINT}"]),
+        ({"stable": 10**400}, [f"weights.stable: must be at most {MAX_WEIGHT} {RATIO_HINT}"]),
+        ({"stable": 1_000_000.01}, [f"weights.stable: must be at most {MAX_WEIGHT} {RATIO_HINT}"]),
+        ({"stable": -(10**400)}, ["weights.stable: must not be negative"]),
         ([90, 10], ["weights: expected a mapping of version name to weight"]),
         (
             {"stable": -1, "beta": 1},
@@ -822,7 +845,7 @@ def test_check_weights_refuses(raw: object, expected: list[str]) -> None:
 
 @given(
     cents=st.dictionaries(
-        st.sampled_from(["stable", "canary", "dark"]), st.integers(0, 10**8), min_size=1
+        st.sampled_from(["stable", "canary", "dark"]), st.integers(0, MAX_WEIGHT * 100), min_size=1
     ).filter(lambda weights: any(weights.values()))
 )
 def test_check_weights_accepts_any_hundredths(cents: dict[str, int]) -> None:

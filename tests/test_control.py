@@ -316,6 +316,31 @@ def test_invalid_weights_are_refused_and_change_nothing(tmp_path: Path) -> None:
     assert state.snapshot.generation == 1
 
 
+def test_weights_over_the_maximum_are_refused_not_rounded(tmp_path: Path) -> None:
+    state = live_state(tmp_path)
+    before = state.snapshot
+
+    async def scenario(session: aiohttp.ClientSession) -> None:
+        # As JSON text: 1e35 is a float that would pass the 0.01 check; 1 and 400 zeros is
+        # an int no float can hold.
+        for raw in (b'{"stable": 1e35, "canary": 1}', b'{"stable": 1' + b"0" * 400 + b"}"):
+            async with session.put("/api/v1/services/web/weights", data=raw) as response:
+                error = await expect_error(response, 400)
+            assert error["error"] == "refused; nothing changed"
+            assert error["details"] == [
+                "weights.stable: must be at most 1000000 "
+                "(weights are ratios: 9 and 1 split like 90 and 10)"
+            ]
+        assert state.snapshot is before
+
+        body = {"stable": 1_000_000, "canary": 0.01}
+        async with session.put("/api/v1/services/web/weights", json=body) as response:
+            assert response.status == 200
+            assert weights_of(await response.json()) == {"stable": 1_000_000, "canary": 0.01}
+
+    serve(state, scenario)
+
+
 def test_promote_and_rollback(tmp_path: Path) -> None:
     state = live_state(tmp_path)
 
