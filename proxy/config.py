@@ -24,6 +24,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Weights are ratios ({stable: 9, canary: 1} splits like {stable: 90, canary: 10}); the bound
 # keeps every weight exact at the split resolution of 0.01 (a float has 15-17 digits).
 MAX_WEIGHT = 1_000_000
+# What the data path does with a request header whose name contains "_" (Envoy's
+# headers_with_underscores_action, nginx's underscores_in_headers): drop the header,
+# reject the request with 400, or pass it on.
+HEADERS_WITH_UNDERSCORES = ("drop", "reject", "allow")
 
 
 class ConfigError(Exception):
@@ -179,6 +183,7 @@ class Config:
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     drain_timeout: float = 30.0
+    headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
     source: str = field(default="<string>", compare=False)
 
 
@@ -217,7 +222,16 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _BARE_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-_TOP_KEYS = ("listen", "workers", "control", "timeouts", "limits", "drain_timeout", "services")
+_TOP_KEYS = (
+    "listen",
+    "workers",
+    "control",
+    "timeouts",
+    "limits",
+    "drain_timeout",
+    "headers_with_underscores",
+    "services",
+)
 _CONTROL_KEYS = ("listen", "token_env", "token_file")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
 _LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
@@ -725,6 +739,14 @@ class _Reader:
             timeouts=timeouts,
             limits=self.limits(fields.get("limits"), "limits"),
             drain_timeout=_or(drain_timeout, _DEFAULTS.drain_timeout),
+            headers_with_underscores=_or(
+                self.choice(
+                    fields.get("headers_with_underscores"),
+                    "headers_with_underscores",
+                    HEADERS_WITH_UNDERSCORES,
+                ),
+                _DEFAULTS.headers_with_underscores,
+            ),
             source=self.source,
         )
 

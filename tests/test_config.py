@@ -185,6 +185,7 @@ def test_defaults_of_a_minimal_config() -> None:
     assert config.control.token is None
     assert config.workers == 1
     assert config.drain_timeout == 30.0
+    assert config.headers_with_underscores == "drop"
     (web,) = config.services
     assert web.baseline == "v1"
     assert web.fallback is None
@@ -480,6 +481,10 @@ ERROR_CASES = [
     (SPLIT + f"      weights: {{stable: {'9' * 5000}, canary: 1}}",
      "services[0].split.weights.stable", 5, "too many digits"),
     (f"workers: {'9' * 5000}\n" + MINIMAL, "workers", 1, "too many digits"),
+    ("headers_with_underscores: strip\n" + MINIMAL, "headers_with_underscores", 1,
+     "'strip': expected one of: drop, reject, allow"),
+    ("headers_with_underscores: [drop]\n" + MINIMAL, "headers_with_underscores", 1,
+     "expected a string, got a list"),
     (SPLIT + "      weights: {stable: '90', canary: 10}", "services[0].split.weights.stable", 5,
      "expected a number, got a string"),
     (SPLIT + "      weights: {stable: yes}", "services[0].split.weights.stable", 5,
@@ -613,6 +618,12 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     assert refused.value.errors == [
         f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
     ]
+
+
+@pytest.mark.parametrize("action", ["drop", "reject", "allow"])
+def test_headers_with_underscores_takes_each_action(action: str) -> None:
+    config = parse(f"headers_with_underscores: {action}\n{MINIMAL}")
+    assert config.headers_with_underscores == action
 
 
 def test_weights_up_to_the_maximum_are_exact() -> None:
