@@ -21,6 +21,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# A config file larger than this is refused before it is read: the YAML loader is pure Python
+# (seconds per megabyte), and a runaway file must not take the proxy's memory with it.
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
 # Weights are ratios ({stable: 9, canary: 1} splits like {stable: 90, canary: 10}); the bound
 # keeps every weight exact at the split resolution of 0.01 (a float has 15-17 digits).
 MAX_WEIGHT = 1_000_000
@@ -287,15 +290,36 @@ def parse_config(text: str, source: str = "<string>") -> Config:
 
 
 def load_config(path: str) -> Config:
-    """Read and validate a config file (a relative ``token_file`` is read from its directory)."""
+    """Read and validate a config file (a relative ``token_file`` is read from its directory).
+
+    A file over MAX_CONFIG_BYTES is refused before it is read.
+    """
+    return _parse(_read_config_file(path), path, base_dir=os.path.dirname(path))
+
+
+def _read_config_file(path: str) -> str:
+    """The file's text: its size is checked on the open file (fstat: the file that is read,
+    even if the path is swapped meanwhile), and at most one byte over the limit is ever read,
+    so a file that grows after the check, or has no size (a pipe), is refused too."""
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError([_too_large(path, f"{size} bytes")])
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError([f"{path}: cannot read: {err.strerror or err}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_large(path, f"more than {MAX_CONFIG_BYTES} bytes read")])
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
-    return _parse(text, path, base_dir=os.path.dirname(path))
+
+
+def _too_large(path: str, size: str) -> str:
+    limit = f"{MAX_CONFIG_BYTES} bytes ({MAX_CONFIG_BYTES / 2**20:g} MiB)"
+    return f"{path}: too large: {size}; the limit is {limit}"
 
 
 def check_weights(service: Service, raw: object) -> dict[str, float]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import re
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import config as config_module
 from proxy.config import (
+    MAX_CONFIG_BYTES,
     MAX_WEIGHT,
     Address,
     Config,
@@ -630,6 +635,52 @@ def test_weights_up_to_the_maximum_are_exact() -> None:
     (service,) = parse(SPLIT + f"      weights: {{stable: {MAX_WEIGHT}, canary: 0.01}}").services
     assert service.split.weights == {"stable": 1_000_000.0, "canary": 0.01}
     assert MAX_WEIGHT == 1_000_000
+
+
+# ------------------------------------------------------------------------ file size cap
+
+
+def test_a_file_at_the_size_cap_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "grayproxy.yaml"
+    path.write_text(MINIMAL + "\n")
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", path.stat().st_size)
+    assert load_config(str(path)).services[0].name == "web"
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "grayproxy.yaml"
+    with path.open("wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)  # sparse: nothing to parse, only too large
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert refused.value.errors == [
+        f"{path}: too large: {MAX_CONFIG_BYTES + 1} bytes; "
+        f"the limit is {MAX_CONFIG_BYTES} bytes (8 MiB)"
+    ]
+
+
+def test_a_file_that_grows_past_the_cap_while_read_is_refused(tmp_path: Path) -> None:
+    # A pipe has no size to check beforehand: only the bounded read can catch it, as it
+    # catches a file that grows between the size check and the read.
+    path = tmp_path / "grayproxy.yaml"
+    os.mkfifo(path)
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError):  # the reader stops at the limit
+            path.write_bytes(b"#" * (MAX_CONFIG_BYTES + 10))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        with pytest.raises(ConfigError) as refused:
+            load_config(str(path))
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # never leave the writer blocked
+        writer.join(10)
+    assert refused.value.errors == [
+        f"{path}: too large: more than {MAX_CONFIG_BYTES} bytes read; "
+        f"the limit is {MAX_CONFIG_BYTES} bytes (8 MiB)"
+    ]
 
 
 def test_every_error_is_reported_at_once_in_line_order() -> None:
