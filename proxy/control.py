@@ -170,7 +170,7 @@ class _ControlAPI:
         return self._service_response(name)
 
     async def reload(self, request: web.Request) -> web.Response:
-        snapshot = self._state.reload()
+        snapshot = await self._state.reload()  # parsed in a thread: the loop keeps serving
         return web.json_response(
             {"generation": snapshot.generation, "warnings": list(snapshot.warnings)}
         )

@@ -145,9 +145,19 @@ async def until_stopped(state: LiveState) -> None:
     """Wait for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        # One reload running and one waiting are enough: the waiting one reads the file
+        # when its turn comes, so it sees every change a further SIGHUP could announce.
+        if len(reloads) < 2:
+            task = loop.create_task(reload_from_signal(state))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_from_signal, state)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await stop.wait()
     finally:
@@ -155,11 +165,14 @@ async def until_stopped(state: LiveState) -> None:
             loop.remove_signal_handler(sig)
 
 
-def reload_from_signal(state: LiveState) -> None:
+async def reload_from_signal(state: LiveState) -> None:
+    """Reload like POST /api/v1/reload (parsed in a thread); the outcome goes to the log."""
     try:
-        snapshot = state.reload()
+        snapshot = await state.reload()
     except ConfigError as exc:
         log.error("reload refused, running config kept:\n  %s", "\n  ".join(exc.errors))
+    except Exception:
+        log.exception("reload failed, running config kept")
     else:
         log.info("reloaded: generation %d", snapshot.generation)
 

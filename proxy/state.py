@@ -4,12 +4,32 @@ Every change validates first, builds a complete new Config and Router, then
 replaces ``LiveState.snapshot`` in one assignment. The data plane reads
 ``snapshot`` once per request, so a request sees either the old or the new
 state, never a mix. A refused change raises and leaves everything untouched.
+
+A reload reads, parses and validates the file and builds its Router in a
+thread (``asyncio.to_thread``): a config of a few megabytes is seconds of pure
+Python, and on the event loop those seconds would stall every request of this
+process. Only the swap runs on the loop. Reloads run one at a time, in the
+order they were asked for; each reads the file when its turn comes.
+
+A weight change (weights, promote, rollback) applied after a reload was asked
+for is not lost to it, even while the reload reads the file or waits for an
+earlier one: each weight change records its generation per service, and at
+swap time every service changed after the reload was asked for keeps its
+runtime weights on the reloaded config (versions the file added get 0), with a
+warning saying so. If they no longer fit the file (the service, or a version
+with weight, is gone), the file's weights apply and a warning says that. Weight
+changes applied before the reload was asked for are replaced by the file's
+weights, as a reload always does. The generation rises once per applied
+change, the reload's swap after every change it carries; the Router is then
+rebuilt on the loop (a carry is rare, and routing a config is cheap next to
+parsing it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from proxy.config import Config, ConfigError, Service, check_weights, load_config
@@ -47,8 +67,9 @@ class Snapshot:
     generation: int
     config: Config
     router: Router
-    # Static settings the config file changed but this process still runs with
-    # (set by a reload, carried by later changes until a reload clears them).
+    # Where what runs differs from the file, as found by the last reload: static
+    # settings that need a restart, weights changed while it read the file (set by
+    # a reload, carried by later changes until the next reload replaces them).
     warnings: tuple[str, ...] = ()
 
 
@@ -59,6 +80,9 @@ class LiveState:
         self.config_path = config_path
         self.snapshot = Snapshot(1, config, Router(config.services))
         self._subscribers: list[Callable[[Snapshot], None]] = []
+        self._reloading = asyncio.Lock()
+        # Service name -> generation of its last runtime weight change (reloads carry later ones).
+        self._weights_changed_at: dict[str, int] = {}
 
     def __repr__(self) -> str:
         snapshot = self.snapshot
@@ -98,40 +122,74 @@ class LiveState:
             current, _all_to([v.name for v in current.versions], current.baseline)
         )
 
-    def reload(self) -> Snapshot:
-        """Re-read the config file; its weights replace runtime weight changes.
+    async def reload(self) -> Snapshot:
+        """Re-read the config file; its weights replace runtime weight changes made before.
 
-        Static settings (listen, workers, control) keep their running values;
-        a difference is reported in ``Snapshot.warnings`` and logged.
-        ConfigError if the file is refused: nothing changes then.
+        The file is read, parsed and validated, and its Router built, in a thread;
+        the swap happens here, on the loop (see the module docstring for weight
+        changes that land meanwhile). Static settings (listen, workers, control)
+        keep their running values; a difference is reported in
+        ``Snapshot.warnings`` and logged. ConfigError if the file is refused:
+        nothing changes then.
         """
-        if self.config_path is None:
+        path = self.config_path
+        if path is None:
             raise ConfigError(["reload: no config file; this process runs an embedded config"])
-        loaded = load_config(self.config_path)
-        running = self.snapshot.config
-        changed = [
-            name for name in STATIC_SETTINGS if getattr(loaded, name) != getattr(running, name)
-        ]
-        warnings = tuple(f"{name}: changed in the file; a restart applies it" for name in changed)
-        for warning in warnings:
-            log.warning("reload: %s", warning)
-        kept = {name: getattr(running, name) for name in changed}
-        return self._swap(replace(loaded, **kept), warnings)
+        asked_at = self.snapshot.generation
+        async with self._reloading:
+            loaded, router = await asyncio.to_thread(load_and_route, path)
+            return self._adopt(loaded, router, asked_at)
 
     def install(self, config: Config, generation: int) -> Snapshot:
         """Adopt a config decided elsewhere: a worker following its supervisor."""
         return self._swap(config, (), generation)
 
+    def _adopt(self, loaded: Config, router: Router, asked_at: int) -> Snapshot:
+        """Swap in a config read from the file for a reload asked for at ``asked_at``."""
+        running = self.snapshot.config
+        changed = [
+            name for name in STATIC_SETTINGS if getattr(loaded, name) != getattr(running, name)
+        ]
+        warnings = [f"{name}: changed in the file; a restart applies it" for name in changed]
+        kept = {name: getattr(running, name) for name in changed}
+        config = replace(loaded, **kept)  # the services, and so the router, are the file's
+        moved = [
+            service
+            for service in running.services
+            if self._weights_changed_at.get(service.name, 0) > asked_at
+        ]
+        if moved:
+            services, carried = _carry_weights(config.services, moved)
+            config = replace(config, services=services)
+            router = Router(services)
+            warnings += carried
+        for warning in warnings:
+            log.warning("reload: %s", warning)
+        names = {service.name for service in config.services}
+        self._weights_changed_at = {
+            name: generation
+            for name, generation in self._weights_changed_at.items()
+            if name in names
+        }
+        return self._swap(config, tuple(warnings), router=router)
+
     def _replace_weights(self, service: Service, weights: dict[str, float]) -> Snapshot:
         new_service = replace(service, split=replace(service.split, weights=weights))
         config = self.snapshot.config
         services = tuple(new_service if s is service else s for s in config.services)
-        return self._swap(replace(config, services=services), self.snapshot.warnings)
+        snapshot = self._swap(replace(config, services=services), self.snapshot.warnings)
+        self._weights_changed_at[service.name] = snapshot.generation
+        return snapshot
 
     def _swap(
-        self, config: Config, warnings: tuple[str, ...], generation: int | None = None
+        self,
+        config: Config,
+        warnings: tuple[str, ...],
+        generation: int | None = None,
+        router: Router | None = None,
     ) -> Snapshot:
-        router = Router(config.services)
+        if router is None:
+            router = Router(config.services)
         if generation is None:
             generation = self.snapshot.generation + 1
         snapshot = Snapshot(generation, config, router, warnings)
@@ -147,3 +205,38 @@ class LiveState:
 
 def _all_to(names: list[str], chosen: str) -> dict[str, float]:
     return {name: 100.0 if name == chosen else 0.0 for name in names}
+
+
+def load_and_route(path: str) -> tuple[Config, Router]:
+    """The heavy part of a reload, safe to run in a thread: read, parse, validate, route."""
+    config = load_config(path)
+    return config, Router(config.services)
+
+
+def _carry_weights(
+    loaded: tuple[Service, ...], moved: list[Service]
+) -> tuple[tuple[Service, ...], list[str]]:
+    """``loaded`` with the runtime weights of the ``moved`` services where they fit."""
+    services = {service.name: service for service in loaded}
+    warnings: list[str] = []
+    for runtime in moved:
+        what = f"services.{runtime.name}: weights changed during the reload"
+        target = services.get(runtime.name)
+        if target is None:
+            warnings.append(f"{what} are dropped: the service is no longer in the file")
+            continue
+        names = {version.name for version in target.versions}
+        wanted = {name: w for name, w in runtime.split.weights.items() if w or name in names}
+        try:
+            weights = check_weights(target, wanted)
+        except ConfigError as exc:
+            why = "; ".join(exc.errors)
+            warnings.append(f"{what} do not fit the file ({why}); the file's weights apply")
+            continue
+        services[runtime.name] = replace(target, split=replace(target.split, weights=weights))
+        warnings.append(f"{what} are kept: {_weights_text(weights)}")
+    return tuple(services.values()), warnings
+
+
+def _weights_text(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {weight:g}" for name, weight in weights.items())

@@ -447,7 +447,7 @@ def test_reload_without_a_file_is_refused(tmp_path: Path) -> None:
 
     serve(state, scenario)
     with pytest.raises(ConfigError):
-        state.reload()
+        asyncio.run(state.reload())
 
 
 # --- health ----------------------------------------------------------------------------------
@@ -508,7 +508,7 @@ def test_subscribers_see_every_swap_and_only_swaps(tmp_path: Path) -> None:
     state.set_weights("web", {"stable": 80, "canary": 20})
     state.promote("web", "canary")
     state.rollback("web")
-    state.reload()
+    asyncio.run(state.reload())
     with pytest.raises(ConfigError):
         state.set_weights("web", {"stable": -1, "canary": 1})
     with pytest.raises(ConfigError):
