@@ -76,9 +76,18 @@ class Snapshot:
 class LiveState:
     """The one mutable holder of the live configuration of a worker."""
 
-    def __init__(self, config: Config, config_path: str | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        *,
+        generation: int = 1,
+        router: Router | None = None,
+    ) -> None:
         self.config_path = config_path
-        self.snapshot = Snapshot(1, config, Router(config.services))
+        if router is None:
+            router = Router(config.services)
+        self.snapshot = Snapshot(generation, config, router)
         self._subscribers: list[Callable[[Snapshot], None]] = []
         self._reloading = asyncio.Lock()
         # Service name -> generation of its last runtime weight change (reloads carry later ones).
@@ -140,9 +149,11 @@ class LiveState:
             loaded, router = await asyncio.to_thread(load_and_route, path)
             return self._adopt(loaded, router, asked_at)
 
-    def install(self, config: Config, generation: int) -> Snapshot:
-        """Adopt a config decided elsewhere: a worker following its supervisor."""
-        return self._swap(config, (), generation)
+    def install(self, config: Config, generation: int, router: Router | None = None) -> Snapshot:
+        """Adopt a config decided elsewhere: a worker following its supervisor.
+
+        ``router``, if given, must have been built from ``config.services``."""
+        return self._swap(config, (), generation, router)
 
     def _adopt(self, loaded: Config, router: Router, asked_at: int) -> Snapshot:
         """Swap in a config read from the file for a reload asked for at ``asked_at``."""

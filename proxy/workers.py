@@ -5,10 +5,17 @@ control API; it does not serve data. Each worker serves data with its own
 event loop and follows the supervisor over a socketpair carrying pickled
 messages (both ends are this program, so pickle is safe here):
 
-  supervisor -> worker   ("config", generation, Config)   adopt a new snapshot
-                         ("report", request_id)           send counters and health
+  supervisor -> worker   ("config", generation, pickled Config)   adopt a new snapshot
+                         ("report", request_id)                   send counters and health
   worker -> supervisor   ("ready",)
                          ("report", request_id, metrics dump, {endpoint key: healthy})
+
+A config is pickled on its own, in a thread, once for all workers, and each
+worker unpickles it and builds its Router in a thread: for a config of
+megabytes either takes long enough to stall an event loop (the supervisor's
+control API, a worker's requests). Only the newest snapshot is sent when
+several land while one is pickled, and a worker ignores a generation that is
+not newer than its own, so the order of arrival cannot take it back.
 
 A worker that dies is started again with the current config; its last
 reported counters are kept so that aggregated counters never go backwards.
@@ -27,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +43,7 @@ import uvloop
 from .config import Address, Config
 from .dataplane import DataPlane
 from .metrics import Metrics, StatsDump
+from .routing import Router
 from .state import LiveState, Snapshot
 
 log = logging.getLogger("grayproxy")
@@ -43,6 +52,7 @@ HEADER = struct.Struct("!I")
 EndpointKey = tuple[str, str, str]  # service, version, address
 REPORT_TIMEOUT = 1.0
 RESTART_DELAY = 0.5
+ConfigMessage = tuple[str, int, bytes]  # ("config", generation, pickled Config)
 
 
 async def send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
@@ -55,6 +65,17 @@ async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
     (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
     message: tuple[Any, ...] = pickle.loads(await reader.readexactly(size))
     return message
+
+
+def pack_config(config: Config) -> bytes:
+    """The config for a worker (in a thread: a config of megabytes takes a while)."""
+    return pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_config(payload: bytes) -> tuple[Config, Router]:
+    """A worker's side of pack_config, with the config's Router (in a thread, likewise)."""
+    config: Config = pickle.loads(payload)
+    return config, Router(config.services)
 
 
 class Worker:
@@ -74,7 +95,8 @@ class Worker:
         pid = self.process.pid if self.process else None
         return f"<Worker {self.index} pid={pid} ready={self.ready.is_set()}>"
 
-    async def start(self, snapshot: Snapshot) -> None:
+    async def start(self, config_message: Callable[[], Awaitable[ConfigMessage]]) -> None:
+        """Start the process and send it ``config_message()``, the newest config."""
         ours, theirs = socket.socketpair()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -85,9 +107,13 @@ class Worker:
             stdin=asyncio.subprocess.DEVNULL,
         )
         theirs.close()
-        self.reader, self.writer = await asyncio.open_unix_connection(sock=ours)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        message = await config_message()
+        # No await from here to the write: the config is the first message, and no newer
+        # snapshot can be broadcast to the old connection meanwhile and miss this worker.
+        self.reader, self.writer = reader, writer
         self.ready.clear()
-        await self.send(("config", snapshot.generation, snapshot.config))
+        await self.send(message)
 
     async def send(self, message: tuple[Any, ...]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -121,13 +147,16 @@ class Supervisor:
         self.stopping = False
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._packed: tuple[int, bytes] = (0, b"")  # the newest pickled config, by generation
+        self._changed = asyncio.Event()
         state.subscribe(self._broadcast)
 
     async def start(self) -> None:
         """Start every worker; raises if one fails before it serves."""
         for worker in self.workers:
-            await worker.start(self.state.snapshot)
+            await worker.start(self._config_message)
             self._spawn(self._watch(worker))
+        self._spawn(self._follow_state())
         for worker in self.workers:
             await self._wait_ready(worker)
 
@@ -156,11 +185,34 @@ class Supervisor:
             log.error("worker %d exited with %s; starting it again", worker.index, code)
             delay = RESTART_DELAY if time.monotonic() - started > 10 else min(delay * 2, 10.0)
             await asyncio.sleep(delay)
-            await worker.start(self.state.snapshot)
+            await worker.start(self._config_message)
 
     def _broadcast(self, snapshot: Snapshot) -> None:
-        for worker in self.workers:
-            self._spawn(worker.send(("config", snapshot.generation, snapshot.config)))
+        self._changed.set()  # _follow_state sends it; pickling it here would block the loop
+
+    async def _follow_state(self) -> None:
+        """Send each new snapshot to every worker, the newest only if several landed."""
+        sent = 0
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            message = await self._config_message()
+            if message[1] > sent:
+                sent = message[1]
+                for worker in self.workers:
+                    self._spawn(worker.send(message))  # in order: tasks start in FIFO order
+
+    async def _config_message(self) -> ConfigMessage:
+        """The current snapshot's config message, pickled in a thread once per generation."""
+        while True:
+            snapshot = self.state.snapshot
+            generation, payload = self._packed
+            if generation != snapshot.generation:
+                payload = await asyncio.to_thread(pack_config, snapshot.config)
+                if snapshot.generation > self._packed[0]:
+                    self._packed = (snapshot.generation, payload)
+            if self.state.snapshot is snapshot:  # else a change landed meanwhile: pack that
+                return ("config", snapshot.generation, payload)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -212,10 +264,10 @@ class Supervisor:
 async def serve_worker(fd: int) -> int:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
-    kind, generation, config = await receive(reader)
+    kind, generation, payload = await receive(reader)
     assert kind == "config"
-    state = LiveState(config, None)
-    state.install(config, generation)
+    config, router = await asyncio.to_thread(unpack_config, payload)
+    state = LiveState(config, None, generation=generation, router=router)
     plane = DataPlane(state, Metrics())
     plane.start()
     server = await loop.create_server(
@@ -248,9 +300,11 @@ async def follow_supervisor(
         while True:
             message = await receive(reader)
             if message[0] == "config":
-                _, generation, config = message
-                if generation != state.snapshot.generation:
-                    state.install(config, generation)
+                _, generation, payload = message
+                if generation > state.snapshot.generation:
+                    # Off the loop: requests keep flowing while a large config is unpacked.
+                    config, router = await asyncio.to_thread(unpack_config, payload)
+                    state.install(config, generation, router)
             elif message[0] == "report":
                 health = endpoint_health(state.snapshot.config, plane)
                 await send(writer, ("report", message[1], plane.metrics.dump(), health))

@@ -104,11 +104,20 @@ def test_a_reload_reaches_every_worker_and_a_restarted_one(
     victim = min(children(proxy.process.pid))
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while len(children(proxy.process.pid) - {victim}) < 2:
+    while listeners(proxy.data_port) == 2:  # until the kernel has dropped the dead one's
+        assert time.monotonic() < deadline, "the worker did not die"
+        time.sleep(0.05)
+    while listeners(proxy.data_port) < 2:  # a worker listens once it has its config
         assert time.monotonic() < deadline, "the worker was not restarted"
-        time.sleep(0.1)
-    time.sleep(0.5)  # the new worker has its config before it listens; this is for the kernel
+        time.sleep(0.05)
     assert versions_seen(proxy, 40) == {"canary"}
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on ``port`` (/proc/net/tcp; with SO_REUSEPORT, one per worker)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    fields = (line.split() for line in lines)
+    return sum(1 for f in fields if f[1].endswith(f":{port:04X}") and f[3] == "0A")
 
 
 def test_metrics_and_stats_are_summed_over_workers(proxy: ProxyProcess) -> None:
