@@ -21,6 +21,9 @@ from typing import Any
 
 DEFAULT_CONTROL_URL = "http://127.0.0.1:9901"
 REQUEST_TIMEOUT_SECONDS = 10.0
+# A reload answers once the whole file is parsed and validated: for a config near the 8 MiB
+# cap that can be tens of seconds of pure-Python YAML (the proxy serves on meanwhile).
+RELOAD_TIMEOUT_SECONDS = 120.0
 
 Json = Any
 Handler = Callable[["ControlClient", argparse.Namespace], Json]
@@ -48,7 +51,9 @@ class ControlClient:
     def __repr__(self) -> str:
         return f"<ControlClient {self.base_url} token={'set' if self.token else 'unset'}>"
 
-    def call(self, method: str, path: str, body: Json = None) -> Json:
+    def call(self, method: str, path: str, body: Json = None, timeout: float | None = None) -> Json:
+        """The answer's JSON; ``timeout`` (seconds without a byte) defaults to
+        REQUEST_TIMEOUT_SECONDS."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -57,7 +62,8 @@ class ControlClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with self._opener.open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+            timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
+            with self._opener.open(request, timeout=timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             with exc:
@@ -121,7 +127,7 @@ def _rollback(client: ControlClient, args: argparse.Namespace) -> Json:
 
 
 def _reload(client: ControlClient, args: argparse.Namespace) -> Json:
-    return client.call("POST", "/api/v1/reload", {})
+    return client.call("POST", "/api/v1/reload", {}, timeout=RELOAD_TIMEOUT_SECONDS)
 
 
 def _quote(segment: str) -> str:

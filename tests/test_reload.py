@@ -26,14 +26,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import ctl
 from proxy import state as state_module
+from proxy.cli import build_parser
 from proxy.config import MAX_CONFIG_BYTES, ConfigError, load_config
 from proxy.control import create_app
 from proxy.metrics import Metrics
 from proxy.state import LiveState, Snapshot
 
 from procs import DIRECT, ProxyProcess, free_port, http_get, is_listening, run_cli
-from servers import Upstream
+from servers import AppServer, LoopThread, Upstream
 
 # A GET through the proxy takes milliseconds; a parse on the event loop held one for the whole
 # parse (3 s for this 5 MB file before the fix). Generous: only a stall can reach it.
@@ -291,6 +293,31 @@ def test_reload_refuses_a_config_over_the_cap_and_keeps_the_running_one() -> Non
         assert generation(proxy) == before
         assert list(service(proxy, "web")["versions"]) == ["stable"]
         assert proxy.returncode is None
+
+
+class SlowReload(AppServer):
+    """A control API whose reload answers after ``delay`` seconds, as a large file would."""
+
+    delay = 1.0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(self.delay)
+        return web.json_response({"generation": 2, "warnings": []})
+
+
+def test_ctl_reload_waits_for_a_long_parse(
+    loops: LoopThread, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = SlowReload(loops, "control").start()
+    try:
+        # Five times shorter than the reload takes: the reload must not use it.
+        monkeypatch.setattr(ctl, "REQUEST_TIMEOUT_SECONDS", SlowReload.delay / 5)
+        args = build_parser().parse_args(["ctl", "--url", server.address, "reload"])
+        assert args.handler(args) == 0
+        assert capsys.readouterr().out == "reloaded: generation 2\n"
+        assert ctl.RELOAD_TIMEOUT_SECONDS >= 60
+    finally:
+        server.stop()
 
 
 # --- weight changes that land while a reload reads the file ------------------------------------
