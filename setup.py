@@ -20,6 +20,7 @@ HOT_PATH = [
     "proxy/http1.py",
     "proxy/routing.py",
     "proxy/metrics.py",
+    "proxy/plan.py",
     "proxy/upstream.py",
     "proxy/endpoints.py",
     "proxy/dataplane.py",

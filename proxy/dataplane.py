@@ -1,12 +1,13 @@
-"""The data path: accept HTTP/1.1 clients, ask routing, forward, stream back.
+"""The data path: accept HTTP/1.1 clients, plan each request, forward, stream back.
 
 One `ClientConnection` per client socket parses requests with httptools (the
-llhttp C parser, strict). Each request becomes an `Exchange`, which picks the
-service, version and endpoint once when the request head is complete, then
-relays bytes in callbacks: request body chunks straight into the upstream
-socket, response chunks straight into the client socket, with flow control
-in both directions. Nothing is buffered whole. Framing is rebuilt, never
-copied: Content-Length or chunked on each side as that side needs.
+llhttp C parser, strict). When a request head is complete, plan.py decides
+what to do with it, without I/O; an `Exchange` then carries the plan out. It
+moves through explicit states (EXCHANGE_TRANSITIONS) and relays bytes in
+callbacks: request body chunks straight into the upstream socket, response
+chunks straight into the client socket, with flow control in both
+directions. Nothing is buffered whole. Framing is rebuilt, never copied:
+Content-Length or chunked on each side as that side needs.
 """
 
 from __future__ import annotations
@@ -21,25 +22,23 @@ from typing import Final, cast
 import httptools
 
 from . import errors
-from .config import Address, Config, Timeouts
-from .endpoints import Balancer, Endpoint, Upstreams
+from .config import Address
+from .endpoints import Endpoint, Upstreams
 from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
     CHUNKED_END,
     IDEMPOTENT_METHODS,
     MAX_CHUNK_LINE,
     MAX_CHUNK_SIZE,
-    RequestHead,
+    error_response,
     forwarded_for_lines,
+    framed_response_head,
     open_chunk_size,
-    origin_form,
+    request_line_end,
     response_lines,
-    status_line,
-    tunnelled_upgrade,
-    upstream_head,
 )
-from .metrics import Metrics, VersionStats
-from .routing import RequestView, Router
+from .metrics import Metrics
+from .plan import PathLimits, Plan, RoutingTable, plan_request, refusal
 from .state import LiveState, Snapshot
 from .upstream import UpstreamConnection
 
@@ -52,69 +51,13 @@ SWEEP_EVERY: Final = 10  # ticks between two sweeps of idle upstream connections
 CLOSING_STATUSES: Final = frozenset({400, 408, 413, 431, 501, 505})
 
 
-class VersionTarget:
-    """Where one version's traffic goes, precomputed per snapshot."""
-
-    __slots__ = ("balancer", "name", "response_header", "stats")
-
-    def __init__(self, name: str, balancer: Balancer, stats: VersionStats, tag: bool) -> None:
-        self.name = name
-        self.balancer = balancer
-        self.stats = stats
-        self.response_header = b"x-grayproxy-version: %s\r\n" % name.encode() if tag else b""
-
-
-class ServiceTarget:
-    __slots__ = ("fallback", "timeouts", "versions")
-
-    def __init__(
-        self, versions: dict[str, VersionTarget], fallback: str | None, timeouts: Timeouts
-    ) -> None:
-        self.versions = versions
-        self.fallback = versions[fallback] if fallback else None
-        self.timeouts = timeouts
-
-
-class RoutingTable:
-    """A snapshot compiled for the data path; requests read it once."""
-
-    __slots__ = ("router", "services", "snapshot")
-
-    def __init__(self, snapshot: Snapshot, upstreams: Upstreams, metrics: Metrics) -> None:
-        self.snapshot = snapshot
-        self.router: Router = snapshot.router
-        self.services: dict[str, ServiceTarget] = {}
-        upstreams.update(snapshot.config)
-        for service in snapshot.config.services:
-            versions = {
-                v.name: VersionTarget(
-                    v.name,
-                    upstreams.balancer(service.name, v.name),
-                    metrics.version(service.name, v.name),
-                    service.version_header,
-                )
-                for v in service.versions
-            }
-            self.services[service.name] = ServiceTarget(
-                versions, service.fallback, service.timeouts
-            )
-
-
 class DataPlane:
     """Shared by every client connection of one process."""
 
-    max_header_bytes: int
-    header_read_timeout: float
-    max_body_bytes: int
-    max_connections: int
-    idle_timeout: float
-    headers_with_underscores: str
-
     def __init__(self, state: LiveState, metrics: Metrics) -> None:
-        config = state.snapshot.config
         self.state = state
         self.metrics = metrics
-        self._apply_limits(config)
+        self.limits = PathLimits(state.snapshot.config)
         self.upstreams = Upstreams()
         self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
         self.connections: set[ClientConnection] = set()
@@ -139,18 +82,7 @@ class DataPlane:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
-        self._apply_limits(snapshot.config)  # a reload may change them
-
-    def _apply_limits(self, config: Config) -> None:
-        # Copied into plain attributes: read per request, they are then native
-        # fields rather than attribute lookups on a config dataclass.
-        limits = config.limits
-        self.max_header_bytes = limits.max_header_bytes
-        self.header_read_timeout = limits.header_read_timeout
-        self.max_body_bytes = limits.max_body_bytes
-        self.max_connections = limits.max_connections
-        self.idle_timeout = config.timeouts.idle
-        self.headers_with_underscores = getattr(config, "headers_with_underscores", "drop")
+        self.limits = PathLimits(snapshot.config)  # a reload may change them
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)
@@ -243,7 +175,7 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        cap = self.plane.max_connections
+        cap = self.plane.limits.max_connections
         if cap and len(self.plane.connections) >= cap:
             self.transport.abort()  # over the cap: refuse at once rather than queue
             return
@@ -254,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.plane.connections.add(self)
-        self.expires = self.plane.now + self.plane.idle_timeout
+        self.expires = self.plane.now + self.plane.limits.idle_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -264,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.current is None and not self._in_head:  # a new message starts at data[0]
             if not self._head_bytes:  # its first bytes: the header read timeout runs from here
-                self.expires = self.plane.now + self.plane.header_read_timeout
+                self.expires = self.plane.now + self.plane.limits.header_read_timeout
             self._read_hint = data
         if self._in_head or self.current is None:
             self._head_bytes += len(data)
@@ -272,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
         # Exchanges start once the whole read is parsed: a malformed body that
         # arrived with its head is refused before anything goes upstream.
         current = self.current
-        if current is not None and not current.started:
+        if current is not None and current.state == QUEUED:
             current.start()
 
     def _parse(self, data: bytes) -> None:
@@ -284,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
                 # (and reads no body after it: tunnelled_upgrade refuses one).
                 data = data[exc.args[0] :]
                 exchange = self._parsing()
-                if exchange is not None and exchange.upgrade:
+                if exchange is not None and exchange.plan.upgrade:
                     # What follows belongs to the tunnel, if the upstream agrees to one.
                     self._pause()
                     exchange.early_data = data
@@ -294,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 self.refuse(self._parse_error(exc))
             else:
-                if self._in_head and self._head_bytes > self.plane.max_header_bytes:
+                if self._in_head and self._head_bytes > self.plane.limits.max_header_bytes:
                     self.refuse(errors.HeadersTooLarge("request header block too large"))
                 elif self._chunked_body:
                     self._check_chunk_size(data)
@@ -307,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
             self._chunk_unchecked = False
             try:
                 size = open_chunk_size(self._earlier, data, self._chunk_bytes)
-                limit = self.plane.max_body_bytes or MAX_CHUNK_SIZE
+                limit = self.plane.limits.max_body_bytes or MAX_CHUNK_SIZE
                 if size is not None and size > limit:
                     raise errors.BadRequest(f"chunk size {size} over {limit} bytes")
             except ProxyError as exc:
@@ -359,7 +291,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # A trailer: not forwarded (bodies are re-framed), but bounded.
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.plane.max_header_bytes:
+        if self._head_bytes > self.plane.limits.max_header_bytes:
             self._pending_error = errors.HeadersTooLarge("request trailers too large")
             raise self._pending_error
 
@@ -367,18 +299,34 @@ class ClientConnection(asyncio.Protocol):
         if self.refused:
             return
         self._in_head = False
-        limit = self.plane.max_header_bytes
+        limit = self.plane.limits.max_header_bytes
         if self._head_bytes > limit and self._head_size() > limit:
             self._pending_error = errors.HeadersTooLarge("request header block too large")
             raise self._pending_error
         self._head_bytes = 0
         self.expires = 0.0
-        method = self.parser.get_method()
-        self._line_end = self._request_line_end(method, self._url)
-        exchange = Exchange(self, method, self._url, self._headers)
-        self._message_read = b""  # read by the exchange's _prepare; not kept longer
-        self._chunked_body = exchange.chunked_request
-        if exchange.error is not None and exchange.error.status in CLOSING_STATUSES:
+        parser = self.parser
+        method = parser.get_method()
+        read = self._message_read
+        self._line_end = request_line_end(read, method, self._url)
+        plan = plan_request(
+            method,
+            self._url,
+            self._headers,
+            self.request_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.plane.table,
+            self.plane.limits,
+            self.forwarded_for,
+            self.client_ip,
+            read,
+            self._line_end,
+        )
+        self._message_read = b""  # not kept longer
+        self._chunked_body = plan.chunked
+        exchange = Exchange(self, plan)
+        if plan.error is not None and plan.error.status in CLOSING_STATUSES:
             self.refused = True  # nothing after a refused request is read
             exchange.close_after = exchange.request_done = True
             self._pause()
@@ -388,37 +336,10 @@ class ClientConnection(asyncio.Protocol):
         """The HTTP version of the message whose head just completed.
 
         httptools formats it into a new str on every call (about 0.5 us), so the
-        common case reads it off the request line instead (see _request_line_end)."""
+        common case reads it off the request line instead (see http1.request_line_end)."""
         if self._line_end:
             return "1.1"
         return str(self.parser.get_http_version())
-
-    def verbatim_head(self) -> bytes:
-        """The request line and header lines of the message whose head just
-        completed, as received, each ending in CRLF: when they came whole in
-        the read the message began with and the request line is as it would be
-        rebuilt; b"" otherwise. Sending them on as they are saves rebuilding the
-        head from a piece per name, separator and value when nothing changes."""
-        if not self._line_end:
-            return b""
-        end = self._message_read.find(b"\r\n\r\n", self._line_end)  # the head's first empty line
-        return self._message_read[: end + 2] if end > 0 else b""
-
-    def _request_line_end(self, method: bytes, url: bytes) -> int:
-        """Where the request line ends when the read the message began with
-        starts with exactly `method SP url SP "HTTP/1.1" CRLF`; 0 otherwise.
-
-        That read came on an idle connection, but an earlier read may have left
-        the first bytes of the method in the parser: the read must start with
-        the whole method. A request line holds no CR or LF, so the CRLF found
-        where such a line would end is the line's own: with more spaces, leading
-        empty lines, a URL split across reads or another version, the bytes
-        there differ and the answer is 0."""
-        read = self._message_read
-        end = len(method) + len(url) + 10
-        if read[end - 9 : end + 2] == b" HTTP/1.1\r\n" and read.startswith(method):
-            return end
-        return 0
 
     def _head_size(self) -> int:
         return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
@@ -467,7 +388,7 @@ class ClientConnection(asyncio.Protocol):
             self.current.start()
             return
         self._resume()
-        self.expires = self.plane.now + self.plane.idle_timeout
+        self.expires = self.plane.now + self.plane.limits.idle_timeout
 
     def refuse(self, error: ProxyError) -> None:
         """The stream cannot be parsed or accepted: answer in turn, then close;
@@ -479,7 +400,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None and not exchange.request_done:
             exchange.refuse(error)  # its own body is malformed
             return
-        failed = Exchange.failed(self, error)
+        failed = Exchange(self, refusal(error))
+        failed.request_done = True
         if self.current is None:
             self.current = failed
             failed.start()
@@ -547,8 +469,35 @@ class ClientConnection(asyncio.Protocol):
             self.current.check_timeout(now)
 
 
+# An exchange's states. It passes through them in this order, skipping some;
+# EXCHANGE_TRANSITIONS says which may follow which, and _to keeps to it.
+QUEUED: Final = 0  # parsed, waiting its turn behind the connection's earlier requests
+HOLDING: Final = 1  # its turn: a chunked body under a size limit is read whole first
+CONNECTING: Final = 2  # getting a connection to an endpoint
+SENT: Final = 3  # the head is upstream (and the body goes on); awaiting the response head
+RESPONDING: Final = 4  # the client has a status line: the rest of the response follows
+TUNNEL: Final = 5  # the upstream switched protocols: bytes pass both ways unchanged
+DONE: Final = 6  # over, and counted once
+STATE_NAMES: Final = ("QUEUED", "HOLDING", "CONNECTING", "SENT", "RESPONDING", "TUNNEL", "DONE")
+EXCHANGE_TRANSITIONS: Final = {
+    QUEUED: (HOLDING, CONNECTING, RESPONDING, DONE),  # RESPONDING: refused at once
+    HOLDING: (CONNECTING, RESPONDING, DONE),
+    CONNECTING: (SENT, RESPONDING, DONE),  # RESPONDING: no endpoint could be reached
+    SENT: (CONNECTING, RESPONDING, TUNNEL, DONE),  # CONNECTING: replayed on a new connection
+    RESPONDING: (DONE,),
+    TUNNEL: (DONE,),
+    DONE: (),
+}
+# The same as bit masks, checked on every transition: bit n of ALLOWED[s] is set
+# when state n may follow s.
+ALLOWED: Final = tuple(
+    sum(1 << after for after in EXCHANGE_TRANSITIONS[state]) for state in range(len(STATE_NAMES))
+)
+
+
 class Exchange:
-    """One request and its response, from head-complete to the last byte."""
+    """One request and its response, from head-complete to the last byte: it
+    carries out the request's plan (see plan.py)."""
 
     __slots__ = (
         "_body_buffer",
@@ -558,149 +507,83 @@ class Exchange:
         "_last_read",
         "_pending",
         "_tried",
-        "chunked_request",
         "client",
         "close_after",
         "early_data",
-        "error",
-        "head",
-        "head_request",
-        "http10",
-        "method",
-        "observed",
+        "limits",
+        "plan",
+        "plane",
         "pool",
         "request_done",
-        "response_started",
         "service",
-        "set_cookie",
-        "started",
         "started_at",
+        "state",
         "status",
         "target",
-        "upgrade",
         "upstream",
         "upstream_closes",
-        "want_continue",
     )
 
-    def __init__(
-        self,
-        client: ClientConnection,
-        method: bytes,
-        url: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
+    def __init__(self, client: ClientConnection, plan: Plan) -> None:
         self.client = client
+        self.plane = client.plane
+        self.limits = client.plane.limits
+        self.plan = plan
+        self.state = QUEUED
         self.started_at = monotonic()
+        self.service = plan.service
+        self.target = plan.target  # the fallback's when the fallback serves
+        self.close_after = plan.close
+        self.request_done = False  # the request's last byte was parsed
         self.upstream: UpstreamConnection | None = None
-        self.target: VersionTarget | None = None
-        self.service: ServiceTarget | None = None
-        self.set_cookie: str | None = None
-        self.error: ProxyError | None = None
-        self.response_started = False
-        self.started = False
+        self.pool: Endpoint | None = None  # the endpoint serving this request
+        self._pending: asyncio.Task[None] | None = None  # connecting in a task
+        self._tried: tuple[Endpoint, ...] = ()
         self.status = 0
         self.upstream_closes = False
-        self.request_done = False
-        self.close_after = False
         self._body_buffer: list[bytes] | None = None  # created by _hold: most requests have no body
         self._buffered = 0
         self._body_bytes = 0
         self._last_read = 0.0  # 0: not waiting for the upstream
-        self._pending: asyncio.Task[None] | None = None
-        self._tried: tuple[Endpoint, ...] = ()
-        self.pool: Endpoint | None = None  # the endpoint serving this request
         self._chunked_response = False
-        self.head = b""
-        self.head_request = method == b"HEAD"
-        self.method = method
-        self.want_continue = False
-        self.upgrade: bytes | None = None  # the Upgrade asked for (WebSocket)
         self.early_data = b""  # bytes the client sent after its upgrade request
-        self.observed = False
-        self.chunked_request = False
-        self.http10 = False
-        if method:  # Exchange.failed passes no method
-            try:
-                self._prepare(method, url, headers)
-            except ProxyError as exc:
-                self.error = exc
 
-    @classmethod
-    def failed(cls, client: ClientConnection, error: ProxyError) -> Exchange:
-        exchange = cls(client, b"", b"", [])
-        exchange.error = error
-        exchange.close_after = True
-        exchange.request_done = True
-        return exchange
+    def __repr__(self) -> str:
+        return f"<Exchange {STATE_NAMES[self.state]} {self.plan!r}>"
 
-    # -- the decision, synchronous -----------------------------------------
-    def _prepare(self, method: bytes, url: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        parser = self.client.parser
-        version = self.client.request_version()
-        if version not in ("1.1", "1.0"):
-            raise errors.VersionNotSupported(f"HTTP/{version} is not supported")
-        self.http10 = version == "1.0"
-        self.close_after = not parser.should_keep_alive()
-        if method == b"CONNECT":
-            raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
-        head = RequestHead(raw_headers, self.http10, self.client.plane.headers_with_underscores)
-        self.chunked_request = head.chunked
-        self.want_continue = head.want_continue
-        if "upgrade" in head.headers and parser.should_upgrade():
-            self.upgrade = tunnelled_upgrade(method, head, self.http10)
-            # The bytes after a tunnelled upgrade's head are the tunnel's: unless
-            # the upstream answers 101, the connection ends with this exchange.
-            self.close_after = self.close_after or self.upgrade is not None
-        target = origin_form(url, head.host, method)
-        path, _, query = target.partition(b"?")
-        view = RequestView(
-            method.decode("latin-1"),
-            path.decode("latin-1"),
-            query.decode("latin-1"),
-            head.headers,
-            self.client.client_ip,
-        )
-        self._route(head.host, view)
-        limit = self.client.plane.max_body_bytes
-        length = head.content_length
-        if limit and length is not None and int(length) > limit:
-            raise errors.PayloadTooLarge(f"request body over {limit} bytes")
-        unchanged = head.unchanged and target is url
-        verbatim = self.client.verbatim_head() if unchanged else b""
-        self.head = upstream_head(
-            method, target, head, self.client.forwarded_for, self.upgrade, verbatim
-        )
+    @property
+    def upgrade(self) -> bytes | None:
+        """The Upgrade asked for and passed on (WebSocket), else None."""
+        return self.plan.upgrade
 
-    def _route(self, host: str, view: RequestView) -> None:
-        table = self.client.plane.table
-        service_router = table.router.match(host, view.path)
-        if service_router is None:
-            raise errors.NoService(f"no service matches host {host!r} and path {view.path!r}")
-        service = table.services[service_router.service.name]
-        version, self.set_cookie = service_router.decide(view)
-        self.service = service
-        self.target = service.versions[version]
+    def _to(self, state: int) -> None:
+        if not (ALLOWED[self.state] >> state) & 1:
+            raise RuntimeError(f"exchange: {STATE_NAMES[self.state]} -> {STATE_NAMES[state]}")
+        self.state = state
 
     # -- running -----------------------------------------------------------
     def start(self) -> None:
-        self.started = True
-        if self.error is not None:
-            self._respond_error(self.error)
+        """Its turn on the connection has come: answer a refusal, or go upstream."""
+        plan = self.plan
+        if plan.error is not None:
+            self._respond_error(plan.error)
             return
-        if self.client.plane.draining:
+        if self.plane.draining:
             self.close_after = True
-        if self.chunked_request and self.client.plane.max_body_bytes:
-            if self._body_bytes > self.client.plane.max_body_bytes:
+        max_body = self.limits.max_body_bytes
+        if plan.chunked and max_body:
+            if self._body_bytes > max_body:
                 self._respond_error(self._too_large())
                 return
             if not self.request_done:
-                return  # a chunked body under a limit is read whole first; see request_complete
+                self._to(HOLDING)  # read whole first; see request_complete
+                return
         self._connect_soon()
 
     def _connect_soon(self, fresh: bool = False) -> None:
         """Get an upstream connection: at once if the chosen endpoint has an
         idle one (the common case, no task), else in a task that connects."""
+        self._to(CONNECTING)
         pool = None
         if not fresh:
             try:
@@ -777,13 +660,14 @@ class Exchange:
         return pool
 
     def _send_head(self, conn: UpstreamConnection) -> None:
+        self._to(SENT)
         self.upstream = conn
-        data = self.head
+        data = self.plan.head
         if self._body_buffer:  # what arrived of the body before the connection
             data += b"".join(self._body_buffer)
             self._body_buffer = None
             self._buffered = 0
-        conn.start(self, data, self.head_request)
+        conn.start(self, data, self.plan.head_request)
         if self.request_done:
             self._request_sent()
         else:
@@ -793,8 +677,8 @@ class Exchange:
         """The request's own body turned out malformed: the upstream, if it
         has the head already, is cut off before the request is complete."""
         self.request_done = self.close_after = True
-        if not self.started:
-            self.error = error
+        if self.state == QUEUED:
+            self.plan.error = error
             return
         if self._pending is not None:
             self._pending.cancel()
@@ -802,21 +686,21 @@ class Exchange:
         self._upstream_error(error)
 
     def request_body(self, chunk: bytes) -> None:
-        if self.error is not None or self.response_started:
+        if self.plan.error is not None or self.state >= RESPONDING:
             return
         self._body_bytes += len(chunk)
-        if self.chunked_request:
+        if self.plan.chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         if self.upstream is not None:
             self.upstream.write(chunk)
             return
         self._hold(chunk)
-        limit = self.client.plane.max_body_bytes
-        if limit and self._body_bytes > limit:  # only chunked bodies get here
-            self.error = self._too_large()
+        max_body = self.limits.max_body_bytes
+        if max_body and self._body_bytes > max_body:  # only chunked bodies get here
+            self.plan.error = self._too_large()
             if self.client.current is self:
-                self._respond_error(self.error)
-        elif self._buffered > PAUSE_BUFFER_BYTES and not limit:
+                self._respond_error(self.plan.error)
+        elif self._buffered > PAUSE_BUFFER_BYTES and not max_body:
             self.client.pause_reading(True)
 
     def _hold(self, chunk: bytes) -> None:
@@ -828,25 +712,24 @@ class Exchange:
 
     def _too_large(self) -> ProxyError:
         self._body_buffer = None
-        limit = self.client.plane.max_body_bytes
-        return errors.PayloadTooLarge(f"request body over {limit} bytes")
+        return errors.PayloadTooLarge(f"request body over {self.limits.max_body_bytes} bytes")
 
     def request_complete(self) -> None:
         self.request_done = True
-        if self.error is not None or self.response_started:
+        if self.plan.error is not None or self.state >= RESPONDING:
             return
-        if self.chunked_request:
+        if self.plan.chunked:
             if self.upstream is not None:
                 self.upstream.write(CHUNKED_END)
             else:
                 self._hold(CHUNKED_END)
         if self.upstream is not None:
             self._request_sent()
-        elif self.started and self._pending is None and self.client.current is self:
+        elif self.state == HOLDING:
             self._connect_soon()  # the held chunked body is complete and within the limit
 
     def _request_sent(self) -> None:
-        self._last_read = self.client.plane.now  # the response timeout runs from here
+        self._last_read = self.plane.now  # the response timeout runs from here
 
     def _cancel_deadline(self) -> None:
         self._last_read = 0.0
@@ -864,43 +747,34 @@ class Exchange:
 
     # -- ResponseSink: called by the upstream connection -------------------
     def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if status == 100 and self.want_continue and not self.http10:
+        if status == 100 and self.plan.want_continue and not self.plan.http10:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> None:
         assert self.target is not None
-        self._last_read = self.client.plane.now
-        self.response_started = True
+        self._last_read = self.plane.now
         self.status = status
         self.upstream_closes = close
         lines, length, upgrade = response_lines(status, headers)
-        if status == 101 and self.upgrade:
+        if status == 101 and self.plan.upgrade:
             self._switch_protocols(lines, upgrade)
             return
-        bodyless = self.head_request or status in (204, 304)
-        if length is not None:
-            lines.append(b"content-length: " + length + b"\r\n")
-        elif not bodyless:
-            if self.http10:
-                self.close_after = True
-            else:
-                self._chunked_response = True
-                lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(self.target.response_header)
-        if self.set_cookie:
-            lines.append(b"set-cookie: " + self.set_cookie.encode("latin-1") + b"\r\n")
-        if not self.request_done or self.client.plane.draining:
-            self.close_after = True
-        if self.close_after:
-            lines.append(b"connection: close\r\n")
-        elif self.http10:
-            lines.append(b"connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        self.client.outgoing.append(b"".join(lines))
+        self._to(RESPONDING)
+        plan = self.plan
+        bodyless = plan.head_request or status in (204, 304)
+        extra = self.target.response_header
+        if plan.set_cookie:
+            extra += b"set-cookie: " + plan.set_cookie.encode("latin-1") + b"\r\n"
+        close_after = self.close_after or not self.request_done or self.plane.draining
+        head, self._chunked_response, self.close_after = framed_response_head(
+            lines, length, bodyless, plan.http10, close_after, extra
+        )
+        self.client.outgoing.append(head)
 
     def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
         """101: from here on, bytes pass unchanged both ways until either side closes."""
         assert self.target is not None and self.upstream is not None
+        self._to(TUNNEL)
         self._cancel_deadline()
         lines.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
         lines.append(self.target.response_header)
@@ -920,7 +794,7 @@ class Exchange:
 
     def response_body(self, chunk: bytes) -> None:
         if self._last_read:
-            self._last_read = self.client.plane.now
+            self._last_read = self.plane.now
         out = self.client.outgoing
         if self._chunked_response:
             out.append(b"%x\r\n" % len(chunk))
@@ -961,7 +835,9 @@ class Exchange:
         self._upstream_error(error)
 
     def _replayable(self) -> bool:
-        return self.method in IDEMPOTENT_METHODS and self.request_done and self._body_bytes == 0
+        return (
+            self.plan.method in IDEMPOTENT_METHODS and self.request_done and self._body_bytes == 0
+        )
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.client.pause_reading(paused)
@@ -978,7 +854,7 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
-        self._observe(101 if self.client.tunnel is not None else 499)
+        self._observe(101 if self.state == TUNNEL else 499)
 
     def _upstream_error(self, error: ProxyError) -> None:
         self._cancel_deadline()
@@ -987,7 +863,7 @@ class Exchange:
             self.upstream = None
         if self.target is not None and error.kind is not None:
             self.target.stats.upstream_error(error.kind)
-        if self.response_started:
+        if self.state >= RESPONDING:
             # The client already has our status line: cut the connection so it
             # can tell the body is incomplete.
             self.flush()
@@ -998,21 +874,14 @@ class Exchange:
 
     def _respond_error(self, error: ProxyError) -> None:
         status = error.status
-        body = f"{status} {errors.REASONS.get(status, 'Error')}: {error.detail}\n".encode()
-        self.close_after = self.close_after or not self.request_done or status in CLOSING_STATUSES
-        lines = [
-            status_line(status),
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(body),
-        ]
-        if self.target is not None:
-            lines.append(self.target.response_header)
-        if self.close_after or self.client.plane.draining:
-            self.close_after = True
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        self.response_started = True
-        self.client.write(b"".join(lines) + (b"" if self.head_request else body))
+        self._to(RESPONDING)
+        close = self.close_after or not self.request_done or status in CLOSING_STATUSES
+        self.close_after = close or self.plane.draining
+        extra = self.target.response_header if self.target is not None else b""
+        response = error_response(
+            status, error.detail, extra, self.close_after, self.plan.head_request
+        )
+        self.client.write(response)
         self._finish(status)
 
     def _finish(self, status: int) -> None:
@@ -1021,9 +890,9 @@ class Exchange:
 
     def _observe(self, status: int) -> None:
         """Count the request once, for its version and its endpoint."""
-        if self.observed:
+        if self.state == DONE:
             return
-        self.observed = True
+        self.state = DONE  # from any state: an exchange may end at any point
         if self.target is not None:
             now = monotonic()
             self.target.stats.observe(status, now - self.started_at, now)

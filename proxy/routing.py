@@ -262,6 +262,17 @@ class KeyReader:
         return req.client_ip
 
 
+STICKY: Final = "split;key=sticky"
+RANDOM: Final = "split;random"
+
+
+def _key_name(source: HashSource) -> str:
+    """How the decision trace names a key's source: header:x-user-id, cookie:NAME, client_ip."""
+    if source.kind == "client_ip":
+        return source.kind
+    return f"{source.kind}:{_key_reader(source).name}"
+
+
 def _key_reader(source: HashSource) -> KeyReader:
     name = source.name.lower() if source.kind == "header" else source.name
     return KeyReader(source.kind, name)
@@ -331,7 +342,7 @@ class ServiceRouter:
         "_draw_cumulative",
         "_draw_last",
         "_draw_names",
-        "_key_readers",
+        "_keys",
         "_rules",
         "_sticky",
         "service",
@@ -344,40 +355,45 @@ class ServiceRouter:
         if unknown:
             raise ValueError(f"service {service.name}: unknown versions {sorted(unknown)}")
         self.service = service
-        self._rules = tuple((_compile_rule(rule), rule.version) for rule in service.rules)
+        self._rules = tuple(
+            (_compile_rule(rule), rule.version, f"rule={index}")
+            for index, rule in enumerate(service.rules)
+        )
         self._candidates = hash_candidates(weights, split.salt)
         positive = {name: w for name, w in weights.items() if w > 0}
         self._draw_names = tuple(positive)
         self._draw_cumulative = tuple(accumulate(positive.values()))
         self._draw_last = len(positive) - 1
-        readers = [_key_reader(source) for source in split.hash_on]
+        keys = [(_key_reader(source), f"split;key={_key_name(source)}") for source in split.hash_on]
         sticky = split.sticky_cookie
         self._sticky = sticky is not None
         self._cookie_prefix = self._cookie_suffix = ""
         if sticky is not None:
-            readers.append(KeyReader("cookie", sticky.name))
+            keys.append((KeyReader("cookie", sticky.name), STICKY))
             self._cookie_prefix = f"{sticky.name}="
             max_age = "" if sticky.max_age is None else f"; Max-Age={sticky.max_age}"
             self._cookie_suffix = f"; Path=/{max_age}; HttpOnly; SameSite=Lax"
-        self._key_readers = tuple(readers)
+        self._keys = tuple(keys)  # where a key may be read, and the reason each gives
 
-    def decide(self, req: RequestView) -> tuple[str, str | None]:
-        """(version, Set-Cookie value to add to the response or None)."""
-        for checks, version in self._rules:
+    def decide(self, req: RequestView) -> tuple[str, str | None, str]:
+        """(version, Set-Cookie value to add to the response or None, why):
+        why is what the decision trace shows (rule=N, split;key=SOURCE,
+        split;random)."""
+        for checks, version, reason in self._rules:
             for check in checks:
                 if not check.holds(req):
                     break
             else:
-                return version, None
-        for reader in self._key_readers:
+                return version, None, reason
+        for reader, reason in self._keys:
             key = reader.read(req)
             if key:
-                return rendezvous(key, self._candidates), None
+                return rendezvous(key, self._candidates), None, reason
         if self._sticky:
             key = getrandbits(64).to_bytes(8, "big").hex()
             cookie = self._cookie_prefix + key + self._cookie_suffix
-            return rendezvous(key, self._candidates), cookie
-        return self._draw(), None
+            return rendezvous(key, self._candidates), cookie, STICKY
+        return self._draw(), None, RANDOM
 
     def _draw(self) -> str:
         cumulative = self._draw_cumulative

@@ -249,7 +249,8 @@ class _H11Connection(asyncio.Protocol):
         arrival.complete = True
         seq = b"%d" % arrival.seq
         upgrade = arrival.values(b"upgrade")
-        if self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL and arrival.values(b"x-inv-switch"):
+        switching = self.h11.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+        if switching and arrival.values(b"x-inv-switch"):
             switch = [
                 (b"upgrade", upgrade[0]),
                 (b"connection", b"upgrade"),
@@ -950,7 +951,7 @@ def read_answers(ex: Example, out: Outcome) -> list[Answer]:
                 break
             elif isinstance(event, h11.ConnectionClosed):
                 return answers
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+        if h11.MUST_CLOSE in (conn.our_state, conn.their_state):
             conn.next_event()  # raises if bytes follow a response that said close
             return answers
         conn.start_next_cycle()
@@ -1008,13 +1009,13 @@ def check(ex: Example, out: Outcome) -> None:
     for req in ex.requests:
         i = req.index
         answer = answers[i] if i < len(answers) else None
-        arrival = forwarded.get(i)
+        upstream_got = forwarded.get(i)
         if stopped:
-            if answer is not None or arrival is not None:
+            if answer is not None or upstream_got is not None:
                 raise Broken(f"request {i} was answered or forwarded after {stopped}")
             continue
         if answer is None:
-            if arrival is not None and arrival.complete:
+            if upstream_got is not None and upstream_got.complete:
                 raise Broken(f"request {i} was forwarded but the client got no answer to it")
             if not (optional or req.truncated):
                 raise Broken(f"request {i} got no answer; it {req.rule}")
@@ -1023,22 +1024,22 @@ def check(ex: Example, out: Outcome) -> None:
         seq = answer.seq
         if seq is not None:
             got = by_seq.get(seq)
-            if got is None or got is not arrival:
+            if got is None or got is not upstream_got:
                 raise Broken(
                     f"the answer to request {i} is the upstream's answer to another request "
                     f"(x-upstream-seq {seq}): responses are out of step"
                 )
             if req.rule.must:
                 raise Broken(f"request {i} was forwarded; it {req.rule}")
-            if arrival is not None and arrival.complete:
-                check_forwarded(req, arrival, out.number)
-            if answer.status == 101 and arrival is not None:
-                check_switch(req, arrival)
+            if upstream_got is not None and upstream_got.complete:
+                check_forwarded(req, upstream_got, out.number)
+            if answer.status == 101 and upstream_got is not None:
+                check_switch(req, upstream_got)
                 stopped = "a 101"
             if 100 in answer.informational and req.version == b"HTTP/1.0":
                 raise Broken(f"request {i} is HTTP/1.0 and got a 100 Continue")
         else:
-            if arrival is not None and arrival.complete:
+            if upstream_got is not None and upstream_got.complete:
                 raise Broken(f"request {i} was forwarded, yet the proxy answered {answer.status}")
             if answer.status not in req.rule.statuses or answer.status not in REFUSALS:
                 raise Broken(f"request {i} got {answer.status} from the proxy; it {req.rule}")

@@ -139,8 +139,8 @@ def test_same_key_same_version_in_separate_routers(
     request = view({"x-user-id": key})
     expected = hash_version(key, weights, salt)
     assert weights[expected] > 0
-    assert first.decide(request) == (expected, None)
-    assert first.decide(request) == second.decide(view({"x-user-id": key})) == (expected, None)
+    assert first.decide(request) == (expected, None, "split;key=header:x-user-id")
+    assert first.decide(request) == second.decide(view({"x-user-id": key}))
 
 
 def test_same_choice_in_another_process_with_another_hash_seed() -> None:
@@ -273,7 +273,7 @@ def rule_router(*rules: Rule, weights: Mapping[str, float] | None = None) -> Ser
 
 def pinned(router: ServiceRouter, request: RequestView) -> bool:
     """True when the request reached the 0-weight canary, which only a rule can do."""
-    return router.decide(request) == ("canary", None)
+    return router.decide(request)[:2] == ("canary", None)
 
 
 def test_first_matching_rule_wins_and_rules_come_before_the_split() -> None:
@@ -284,10 +284,10 @@ def test_first_matching_rule_wins_and_rules_come_before_the_split() -> None:
         Rule("canary", headers=(FieldMatch("x-canary", present=True),)),
         weights={"stable": 0, "canary": 100},
     )
-    assert router.decide(view({"x-canary": "always"})) == ("canary", None)
-    assert router.decide(view({"x-canary": "never"})) == ("stable", None)
-    assert router.decide(view({"x-canary": "other"})) == ("stable", None)  # rule 3 before 4
-    assert router.decide(view()) == ("canary", None)  # no rule: the split
+    assert router.decide(view({"x-canary": "always"})) == ("canary", None, "rule=0")
+    assert router.decide(view({"x-canary": "never"})) == ("stable", None, "rule=1")
+    assert router.decide(view({"x-canary": "other"})) == ("stable", None, "rule=2")  # not 3
+    assert router.decide(view()) == ("canary", None, "split;random")  # no rule: the split
 
 
 def test_a_rule_reaches_a_zero_weight_version_even_with_a_hash_key() -> None:
@@ -298,9 +298,9 @@ def test_a_rule_reaches_a_zero_weight_version_even_with_a_hash_key() -> None:
         sticky=StickyCookie("gp"),
     )
     router = ServiceRouter(service)
-    assert router.decide(view({"x-preview": "1", "x-user-id": "u1"})) == ("green", None)
-    assert router.decide(view({"x-preview": "1"})) == ("green", None)  # no sticky cookie set
-    assert router.decide(view({"x-user-id": "u1"})) == ("blue", None)
+    assert router.decide(view({"x-preview": "1", "x-user-id": "u1"})) == ("green", None, "rule=0")
+    assert router.decide(view({"x-preview": "1"}))[:2] == ("green", None)  # no sticky cookie set
+    assert router.decide(view({"x-user-id": "u1"}))[:2] == ("blue", None)
 
 
 def test_header_value_is_exact_and_the_name_case_insensitive() -> None:
@@ -439,18 +439,19 @@ def test_keyless_client_gets_a_cookie_that_routes_it_the_same_afterwards() -> No
     weights = {"stable": 50, "canary": 50}
     router = ServiceRouter(make_service(weights, sticky=StickyCookie("gp", 86400), salt="s"))
     for _ in range(200):
-        version, set_cookie = router.decide(view())
-        assert set_cookie is not None
+        version, set_cookie, reason = router.decide(view())
+        assert set_cookie is not None and reason == "split;key=sticky"
         match = STICKY_COOKIE.fullmatch(set_cookie)
         assert match, set_cookie
         key = match.group(1)
         assert version == hash_version(key, weights, "s")
-        assert router.decide(view({"cookie": f"other=1; gp={key}"})) == (version, None)
+        again = router.decide(view({"cookie": f"other=1; gp={key}"}))
+        assert again == (version, None, "split;key=sticky")
 
 
 def test_sticky_cookie_without_max_age_is_a_session_cookie() -> None:
     router = ServiceRouter(make_service({"a": 1, "b": 1}, sticky=StickyCookie("gp")))
-    _, set_cookie = router.decide(view())
+    _, set_cookie, _ = router.decide(view())
     assert set_cookie is not None
     assert re.fullmatch(r"gp=[0-9a-f]{16}; Path=/; HttpOnly; SameSite=Lax", set_cookie)
 
@@ -464,9 +465,10 @@ def test_no_sticky_cookie_when_a_hash_on_key_is_present() -> None:
     )
     for key in KEYS[:200]:
         expected = hash_version(key, weights)
-        assert router.decide(view({"X-User-Id": key})) == (expected, None)
+        keyed = (expected, None, "split;key=header:x-user-id")
+        assert router.decide(view({"X-User-Id": key})) == keyed
         # the hash_on key takes precedence over an existing sticky cookie
-        assert router.decide(view({"x-user-id": key, "cookie": "gp=zzz"})) == (expected, None)
+        assert router.decide(view({"x-user-id": key, "cookie": "gp=zzz"})) == keyed
 
 
 def test_first_present_hash_source_is_the_key() -> None:
@@ -479,19 +481,25 @@ def test_first_present_hash_source_is_the_key() -> None:
     ]
     router = ServiceRouter(make_service(weights, hash_on=sources))
     for key in KEYS[:100]:
-        expected = (hash_version(key, weights), None)
+        version = hash_version(key, weights)
         everything = {"x-user-id": key, "cookie": "session=other"}
-        assert router.decide(view(everything, query="uid=x")) == expected
-        assert router.decide(view({"x-user-id": "", "cookie": f"session={key}"})) == expected
-        assert router.decide(view(query=f"uid={key}&uid=other")) == expected
-        assert router.decide(view(query="uid=", ip=key)) == expected
+        assert router.decide(view(everything, query="uid=x")) == (
+            version,
+            None,
+            "split;key=header:x-user-id",
+        )
+        by_cookie = router.decide(view({"x-user-id": "", "cookie": f"session={key}"}))
+        assert by_cookie == (version, None, "split;key=cookie:session")
+        by_query = router.decide(view(query=f"uid={key}&uid=other"))
+        assert by_query == (version, None, "split;key=query:uid")
+        assert router.decide(view(query="uid=", ip=key)) == (version, None, "split;key=client_ip")
 
 
 def test_without_key_or_sticky_cookie_each_request_is_drawn() -> None:
     router = ServiceRouter(make_service({"a": 1, "b": 1}, hash_on=[HashSource("header", "x-u")]))
     random.seed(3)
     decisions = {router.decide(view()) for _ in range(200)}
-    assert decisions == {("a", None), ("b", None)}
+    assert decisions == {("a", None, "split;random"), ("b", None, "split;random")}
 
 
 # --- (6) salt -------------------------------------------------------------------------------

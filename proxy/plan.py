@@ -1,0 +1,244 @@
+"""What to do with one request, decided from its head before any I/O.
+
+`plan_request` is a pure function of the parsed request head, the routing
+table, the limits and the client's address: it checks the head (http1), picks
+the service and the version (routing) and says why, and frames the head to
+send upstream. A refused request is a plan too, carrying the error and its
+status, and whatever was decided before the refusal (a 413 still names its
+version). The exchange then only carries the plan out.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .config import Config, Timeouts
+from .endpoints import Balancer, Upstreams
+from .errors import ProxyError
+from .http1 import (
+    RequestHead,
+    origin_form,
+    tunnelled_upgrade,
+    upstream_head,
+    verbatim_head,
+)
+from .metrics import Metrics, VersionStats
+from .routing import RequestView, Router
+from .state import Snapshot
+
+
+class PathLimits:
+    """The data path's limits and client timeouts, as plain fields: read per
+    request, they are then native fields rather than lookups on the config's
+    dataclasses. A reload replaces them whole."""
+
+    __slots__ = (
+        "header_read_timeout",
+        "headers_with_underscores",
+        "idle_timeout",
+        "max_body_bytes",
+        "max_connections",
+        "max_header_bytes",
+    )
+
+    def __init__(self, config: Config) -> None:
+        limits = config.limits
+        self.max_header_bytes = limits.max_header_bytes
+        self.header_read_timeout = limits.header_read_timeout
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_connections = limits.max_connections
+        self.idle_timeout = config.timeouts.idle
+        self.headers_with_underscores = config.headers_with_underscores
+
+
+class VersionTarget:
+    """Where one version's traffic goes, precomputed per snapshot."""
+
+    __slots__ = ("balancer", "name", "response_header", "stats")
+
+    def __init__(self, name: str, balancer: Balancer, stats: VersionStats, tag: bool) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.stats = stats
+        self.response_header = b"x-grayproxy-version: %s\r\n" % name.encode() if tag else b""
+
+
+class ServiceTarget:
+    __slots__ = ("fallback", "timeouts", "versions")
+
+    def __init__(
+        self, versions: dict[str, VersionTarget], fallback: str | None, timeouts: Timeouts
+    ) -> None:
+        self.versions = versions
+        self.fallback = versions[fallback] if fallback else None
+        self.timeouts = timeouts
+
+
+class RoutingTable:
+    """A snapshot compiled for the data path; requests read it once."""
+
+    __slots__ = ("router", "services", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, upstreams: Upstreams, metrics: Metrics) -> None:
+        self.snapshot = snapshot
+        self.router: Router = snapshot.router
+        self.services: dict[str, ServiceTarget] = {}
+        upstreams.update(snapshot.config)
+        for service in snapshot.config.services:
+            versions = {
+                v.name: VersionTarget(
+                    v.name,
+                    upstreams.balancer(service.name, v.name),
+                    metrics.version(service.name, v.name),
+                    service.version_header,
+                )
+                for v in service.versions
+            }
+            self.services[service.name] = ServiceTarget(
+                versions, service.fallback, service.timeouts
+            )
+
+
+class Plan:
+    """One request's plan: how it is framed, where it goes and why, or why not."""
+
+    __slots__ = (
+        "chunked",
+        "close",
+        "error",
+        "head",
+        "head_request",
+        "http10",
+        "method",
+        "reason",
+        "service",
+        "set_cookie",
+        "target",
+        "upgrade",
+        "want_continue",
+    )
+
+    def __init__(self, method: bytes) -> None:
+        self.method = method
+        self.head_request = method == b"HEAD"
+        self.error: ProxyError | None = None  # refused: the response says why
+        self.http10 = False
+        self.close = False  # the connection closes after this exchange
+        self.chunked = False  # the request body is chunked
+        self.want_continue = False
+        self.upgrade: bytes | None = None  # the Upgrade to tunnel after a 101 (WebSocket)
+        self.service: ServiceTarget | None = None
+        self.target: VersionTarget | None = None
+        self.set_cookie: str | None = None  # a sticky cookie to set on the response
+        self.reason = ""  # why this version: rule=N, split;key=SOURCE, split;random
+        self.head = b""  # the request head to send upstream
+
+    def __repr__(self) -> str:
+        where = self.target.name if self.target is not None else None
+        return f"<Plan {self.method!r} -> {where} ({self.reason}) error={self.error!r}>"
+
+
+def refusal(error: ProxyError) -> Plan:
+    """The plan of a request that could not be parsed: answer, then close."""
+    plan = Plan(b"")
+    plan.error = error
+    plan.close = True
+    return plan
+
+
+def plan_request(
+    method: bytes,
+    url: bytes,
+    raw_headers: list[tuple[bytes, bytes]],
+    version: str,
+    keep_alive: bool,
+    upgrade_asked: bool,
+    table: RoutingTable,
+    limits: PathLimits,
+    forwarded_for: bytes,
+    client_ip: str,
+    message_read: bytes,
+    line_end: int,
+) -> Plan:
+    """The plan for a request head as the parser gave it: `version` and
+    `keep_alive` as it read them, `upgrade_asked` when the head asks for an
+    upgrade (Connection: upgrade and an Upgrade header); `forwarded_for` is
+    http1.forwarded_for_lines(client_ip); `message_read` and `line_end` are
+    the read the message began with and where its request line ends in it
+    (see http1.request_line_end; 0 when it cannot be sent on as received)."""
+    plan = Plan(method)
+    try:
+        _plan(
+            plan,
+            url,
+            raw_headers,
+            version,
+            keep_alive,
+            upgrade_asked,
+            table,
+            limits,
+            forwarded_for,
+            client_ip,
+            message_read,
+            line_end,
+        )
+    except ProxyError as exc:
+        plan.error = exc
+    return plan
+
+
+def _plan(
+    plan: Plan,
+    url: bytes,
+    raw_headers: list[tuple[bytes, bytes]],
+    version: str,
+    keep_alive: bool,
+    upgrade_asked: bool,
+    table: RoutingTable,
+    limits: PathLimits,
+    forwarded_for: bytes,
+    client_ip: str,
+    message_read: bytes,
+    line_end: int,
+) -> None:
+    method = plan.method
+    if version not in ("1.1", "1.0"):
+        raise errors.VersionNotSupported(f"HTTP/{version} is not supported")
+    plan.http10 = version == "1.0"
+    plan.close = not keep_alive
+    if method == b"CONNECT":
+        raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
+    head = RequestHead(raw_headers, plan.http10, limits.headers_with_underscores)
+    plan.chunked = head.chunked
+    plan.want_continue = head.want_continue
+    if upgrade_asked and "upgrade" in head.headers:
+        plan.upgrade = tunnelled_upgrade(method, head, plan.http10)
+        # The bytes after a tunnelled upgrade's head are the tunnel's: unless
+        # the upstream answers 101, the connection ends with this exchange.
+        plan.close = plan.close or plan.upgrade is not None
+    target = origin_form(url, head.host, method)
+    path, _, query = target.partition(b"?")
+    view = RequestView(
+        method.decode("latin-1"),
+        path.decode("latin-1"),
+        query.decode("latin-1"),
+        head.headers,
+        client_ip,
+    )
+    _route(plan, table, head.host, view)
+    max_body = limits.max_body_bytes
+    length = head.content_length
+    if max_body and length is not None and int(length) > max_body:
+        raise errors.PayloadTooLarge(f"request body over {max_body} bytes")
+    unchanged = head.unchanged and target is url
+    verbatim = verbatim_head(message_read, line_end) if unchanged else b""
+    plan.head = upstream_head(method, target, head, forwarded_for, plan.upgrade, verbatim)
+
+
+def _route(plan: Plan, table: RoutingTable, host: str, view: RequestView) -> None:
+    service_router = table.router.match(host, view.path)
+    if service_router is None:
+        raise errors.NoService(f"no service matches host {host!r} and path {view.path!r}")
+    service = table.services[service_router.service.name]
+    version, plan.set_cookie, plan.reason = service_router.decide(view)
+    plan.service = service
+    plan.target = service.versions[version]
