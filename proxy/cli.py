@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from proxy import ctl
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError
+from proxy.loader import load_config
 
 EXIT_CONFIG = 2
 EXIT_LISTEN = 1

@@ -32,7 +32,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from proxy.config import Config, ConfigError, Service, check_weights, load_config
+from proxy.config import Config, ConfigError, Service, check_weights
+from proxy.loader import load_config
 from proxy.routing import Router
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import config as config_module
+from proxy import loader
 from proxy.config import (
-    MAX_CONFIG_BYTES,
     MAX_WEIGHT,
     Address,
     Config,
@@ -31,6 +30,9 @@ from proxy.config import (
     Timeouts,
     Version,
     check_weights,
+)
+from proxy.loader import (
+    MAX_CONFIG_BYTES,
     load_config,
     parse_address,
     parse_config,
@@ -643,7 +645,7 @@ def test_weights_up_to_the_maximum_are_exact() -> None:
 def test_a_file_at_the_size_cap_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "grayproxy.yaml"
     path.write_text(MINIMAL + "\n")
-    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", path.stat().st_size)
+    monkeypatch.setattr(loader, "MAX_CONFIG_BYTES", path.stat().st_size)
     assert load_config(str(path)).services[0].name == "web"
 
 

@@ -11,8 +11,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Address, ConfigError, load_config
+from proxy.config import Address, ConfigError
 from proxy.control import create_app
+from proxy.loader import load_config
 from proxy.metrics import Metrics
 from proxy.state import LiveState, Snapshot, UnknownService
 

@@ -29,8 +29,9 @@ from aiohttp import web
 from proxy import ctl
 from proxy import state as state_module
 from proxy.cli import build_parser
-from proxy.config import MAX_CONFIG_BYTES, ConfigError, load_config
+from proxy.config import ConfigError
 from proxy.control import create_app
+from proxy.loader import MAX_CONFIG_BYTES, load_config
 from proxy.metrics import Metrics
 from proxy.state import LiveState, Snapshot
 
