@@ -201,8 +201,8 @@ def check_weights(service: Service, raw: object) -> dict[str, float]:
             errors.append(f"{path}: {problem}")
         else:
             given[name] = float(value)
-    if not errors and not any(given.values()):
-        errors.append("weights: at least one weight must be above zero")
+    if not errors and (problem := split_problem(given)):
+        errors.append(f"weights: {problem}")
     if errors:
         raise ConfigError(errors)
     return all_weights(names, given)
@@ -226,6 +226,14 @@ def weight_problem(weight: float) -> str | None:
 def all_weights(names: list[str], given: Mapping[str, float]) -> dict[str, float]:
     """Every version's weight, in version order: the versions left out get 0."""
     return {name: given.get(name, 0.0) for name in names}
+
+
+def split_problem(weights: Mapping[str, float]) -> str | None:
+    """Why these weights, taken together, cannot split traffic, or None: the one check (and
+    message) that some version gets traffic, for the file and for runtime changes alike."""
+    if any(weight > 0 for weight in weights.values()):
+        return None
+    return "at least one weight must be above zero"
 
 
 def unknown_version(name: str, names: list[str]) -> str:

@@ -39,6 +39,7 @@ from proxy.config import (
     Timeouts,
     Version,
     all_weights,
+    split_problem,
     unknown_version,
     weight_problem,
 )
@@ -871,8 +872,8 @@ class _Reader:
                 self.error(_join(path, name), key, unknown_version(name, names))
             elif weight is not None:
                 given[name] = weight
-        if len(given) == len(entries) and not any(given.values()):
-            self.error(path, node, "at least one weight must be above zero")
+        if len(given) == len(entries) and (problem := split_problem(given)):
+            self.error(path, node, problem)
         return all_weights(names, given)
 
     def hash_source(self, node: Node, path: str) -> HashSource | None:

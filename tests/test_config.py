@@ -30,6 +30,7 @@ from proxy.config import (
     Timeouts,
     Version,
     check_weights,
+    split_problem,
 )
 from proxy.loader import (
     MAX_CONFIG_BYTES,
@@ -866,6 +867,25 @@ WEB = only_service("""
 
 
 RATIO_HINT = "(weights are ratios: 9 and 1 split like 90 and 10)"
+
+
+@pytest.mark.parametrize("weights", [{"stable": 0, "canary": 0}, {"stable": 0}, {}])
+def test_the_file_and_a_runtime_change_refuse_all_zero_weights_alike(
+    weights: dict[str, int],
+) -> None:
+    problem = split_problem(weights)
+    assert problem == "at least one weight must be above zero"
+    with pytest.raises(ConfigError) as at_runtime:
+        check_weights(WEB, weights)
+    assert at_runtime.value.errors == [f"weights: {problem}"]
+    in_yaml = "{" + ", ".join(f"{name}: {weight}" for name, weight in weights.items()) + "}"
+    with pytest.raises(ConfigError) as in_the_file:
+        parse_config(SPLIT + f"      weights: {in_yaml}")
+    assert in_the_file.value.errors == [f"services[0].split.weights: line 5: {problem}"]
+
+
+def test_one_weight_above_zero_is_enough() -> None:
+    assert split_problem({"stable": 0.0, "canary": 0.01}) is None
 
 
 def test_check_weights_completes_and_orders() -> None:
