@@ -1,6 +1,6 @@
 """The control API (SPEC §4): reads and atomic changes of the live state, health and metrics.
 
-Errors are mapped to status in one place (``_errors``): ControlError knows its
+Errors are mapped to status in one place (``_errors``): ControlRefused knows its
 own status, ConfigError is 400 with every problem in ``details``, aiohttp's
 HTTP errors (404 unknown route, 405 wrong method, 413 body too large) keep
 theirs, anything else is a logged 500. Every error body is
@@ -18,8 +18,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.config import Address, ConfigError, FieldMatch, Rule, Service, Split
+from proxy.errors import ControlRefused, InvalidRequest
 from proxy.metrics import Metrics
-from proxy.state import ControlError, InvalidRequest, LiveState
+from proxy.state import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         kept = {name: exc.headers[name] for name in _KEPT_ERROR_HEADERS if name in exc.headers}
         message = f"{exc.reason.lower()}: {request.method} {request.path}"
         return error_response(exc.status, message, headers=kept)
-    except ControlError as exc:
+    except ControlRefused as exc:
         return error_response(exc.status, exc.message, exc.details)
     except ConfigError as exc:
         return error_response(400, "refused; nothing changed", exc.errors)

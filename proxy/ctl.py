@@ -29,7 +29,7 @@ Json = Any
 Handler = Callable[["ControlClient", argparse.Namespace], Json]
 
 
-class ControlError(Exception):
+class ControlCallFailed(Exception):
     """A failed control-API call: the message and details to show, one line each."""
 
     def __init__(self, message: str, details: Sequence[str] = ()) -> None:
@@ -75,22 +75,24 @@ class ControlClient:
         except http.client.HTTPException as exc:
             raise self._connection_error(f"not an HTTP answer ({type(exc).__name__})") from None
         except json.JSONDecodeError as exc:
-            raise ControlError(f"{self.base_url}{path}: the answer is not JSON ({exc})") from None
+            raise ControlCallFailed(
+                f"{self.base_url}{path}: the answer is not JSON ({exc})"
+            ) from None
 
-    def _connection_error(self, reason: object) -> ControlError:
+    def _connection_error(self, reason: object) -> ControlCallFailed:
         if isinstance(reason, ConnectionRefusedError):
             why = "connection refused"
         elif isinstance(reason, TimeoutError):
             why = "timed out"
         else:
             why = str(reason)
-        return ControlError(
+        return ControlCallFailed(
             f"cannot reach the control API at {self.base_url}: {why}",
             ["is grayproxy running? set GRAYPROXY_CONTROL to its control address"],
         )
 
 
-def _api_error(status: int, raw: bytes) -> ControlError:
+def _api_error(status: int, raw: bytes) -> ControlCallFailed:
     try:
         body = json.loads(raw)
     except ValueError:
@@ -99,9 +101,9 @@ def _api_error(status: int, raw: bytes) -> ControlError:
         details = body.get("details") or []
         if not isinstance(details, list):
             details = [details]
-        return ControlError(f"HTTP {status}: {body['error']}", [str(d) for d in details])
+        return ControlCallFailed(f"HTTP {status}: {body['error']}", [str(d) for d in details])
     text = raw.decode("utf-8", "replace").strip()
-    return ControlError(f"HTTP {status}: {text or 'no body'}")
+    return ControlCallFailed(f"HTTP {status}: {text or 'no body'}")
 
 
 # ---- the commands: each returns the API's JSON answer -------------------------------------
@@ -313,7 +315,7 @@ def run_ctl(args: argparse.Namespace) -> int:
     call: Handler = args.call
     try:
         answer = call(client, args)
-    except ControlError as exc:
+    except ControlCallFailed as exc:
         print(f"grayproxy ctl: {exc.message}", file=sys.stderr)
         for detail in exc.details:
             print(f"  {detail}", file=sys.stderr)

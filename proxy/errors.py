@@ -1,6 +1,7 @@
-"""The data plane's errors: each knows the status it becomes, and, for upstream
-failures, the `kind` label it is counted under in
-``grayproxy_upstream_errors_total``."""
+"""Our errors, each knowing the status it becomes: the data plane's (ProxyError:
+for upstream failures also the `kind` label it is counted under in
+``grayproxy_upstream_errors_total``) and the control API's refusals
+(ControlRefused)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,27 @@ REASONS = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+
+
+# The control API: a request refused before anything changes. A refused configuration is
+# config.ConfigError (400, every problem listed).
+class ControlRefused(Exception):
+    """A refused control request; ``status`` is the HTTP status it becomes."""
+
+    status: ClassVar[int] = 400
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class InvalidRequest(ControlRefused):
+    status = 400
+
+
+class UnknownService(ControlRefused):
+    status = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown service {name!r}")

@@ -33,34 +33,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from proxy.config import Config, ConfigError, Service, check_weights
+from proxy.errors import UnknownService
 from proxy.loader import load_config
 from proxy.routing import Router
 
 log = logging.getLogger(__name__)
 
 STATIC_SETTINGS = ("listen", "workers", "control")
-
-
-class ControlError(Exception):
-    """A refused control request; ``status`` is the HTTP status it becomes."""
-
-    status = 400
-
-    def __init__(self, message: str, details: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details or []
-
-
-class InvalidRequest(ControlError):
-    status = 400
-
-
-class UnknownService(ControlError):
-    status = 404
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown service {name!r}")
 
 
 @dataclass(frozen=True, slots=True)

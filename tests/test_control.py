@@ -13,9 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Address, ConfigError
 from proxy.control import create_app
+from proxy.errors import UnknownService
 from proxy.loader import load_config
 from proxy.metrics import Metrics
-from proxy.state import LiveState, Snapshot, UnknownService
+from proxy.state import LiveState, Snapshot
 
 CONFIG = """\
 listen: "127.0.0.1:18080"
