@@ -17,14 +17,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.config import Address, ConfigError, FieldMatch, Rule, Service, Split
+from proxy.config import ConfigError, FieldMatch, Rule, Service, Split
 from proxy.errors import ControlRefused, InvalidRequest
-from proxy.metrics import Metrics
+from proxy.metrics import EndpointHealth, Metrics
 from proxy.state import LiveState
 
 log = logging.getLogger(__name__)
-
-EndpointHealth = Callable[[str, str, Address], bool]
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KEPT_ERROR_HEADERS = ("Allow", "WWW-Authenticate")

@@ -1,8 +1,8 @@
 """`grayproxy ctl`: a client for the control API (SPEC §4), standard library only.
 
-The API's address comes from ``GRAYPROXY_CONTROL`` (default ``http://127.0.0.1:9901``),
-the token from ``GRAYPROXY_TOKEN``. Proxy environment variables are ignored: the control
-API is reached directly.
+The API's address comes from ``GRAYPROXY_CONTROL`` (default ``http://127.0.0.1:9901``,
+where a config without ``control.listen`` puts it), the token from ``GRAYPROXY_TOKEN``.
+Proxy environment variables are ignored: the control API is reached directly.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-DEFAULT_CONTROL_URL = "http://127.0.0.1:9901"
+from proxy.config import Control
+
+DEFAULT_CONTROL_URL = f"http://{Control().listen}"
 REQUEST_TIMEOUT_SECONDS = 10.0
 # A reload answers once the whole file is parsed and validated: for a config near the 8 MiB
 # cap that can be tens of seconds of pure-Python YAML (the proxy serves on meanwhile).

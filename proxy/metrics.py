@@ -228,10 +228,7 @@ class VersionStats:
             if second < self._slot_second[slot] or not latencies[slot]:
                 continue  # older than what this slot holds, or never used
             if second > self._slot_second[slot]:
-                self._slot_second[slot] = second
-                self._slot_requests[slot] = 0
-                self._slot_errors[slot] = 0
-                self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
+                self._start_slot(slot, second)
             self._slot_requests[slot] += requests[slot]
             self._slot_errors[slot] += errors[slot]
             self._slot_latency[slot] = list(map(add, self._slot_latency[slot], latencies[slot]))

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import control, dataplane
 from .config import Config, ConfigError
 from .dataplane import DataPlane
-from .metrics import Metrics
+from .metrics import EndpointHealth, Metrics
 from .state import LiveState
 from .workers import Supervisor, reserve_port
 
@@ -127,7 +127,7 @@ async def serve_supervised(config: Config, config_path: str | None) -> int:
 async def start_control(
     state: LiveState,
     metrics: Metrics,
-    endpoint_healthy: control.EndpointHealth,
+    endpoint_healthy: EndpointHealth,
     is_ready: Callable[[], bool],
     refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> web.AppRunner:
