@@ -19,10 +19,9 @@ from aiohttp import web
 
 from . import control, dataplane
 from .config import Config, ConfigError
-from .dataplane import DataPlane
 from .metrics import EndpointHealth, Metrics
 from .state import LiveState
-from .workers import Supervisor, reserve_port
+from .workers import DataServer, Supervisor, reserve_port
 
 log = logging.getLogger("grayproxy")
 
@@ -61,28 +60,21 @@ async def serve(
 
 
 async def serve_alone(config: Config, config_path: str | None) -> int:
-    loop = asyncio.get_running_loop()
     state = LiveState(config, config_path)
-    plane = DataPlane(state, Metrics())
-    plane.start()
-    data_server = await loop.create_server(
-        plane.protocol_factory, config.listen.host, config.listen.port, backlog=1024
-    )
+    data = await DataServer.start(state)
+    plane = data.plane
     runner = await start_control(
         state, plane.metrics, plane.endpoint_healthy, lambda: not plane.draining
     )
     log.info(
         "data on http://%s, control on %s, data path %s",
-        listen_text(data_server),
+        listen_text(data.listener),
         control_url(runner),
         data_path_build(),
     )
     await until_stopped(state)
-    drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
-    log.info("draining (up to %gs)", drain_timeout)
-    data_server.close()
-    plane.start_draining()
-    await plane.wait_drained(drain_timeout)
+    log.info("draining (up to %gs)", state.snapshot.config.drain_timeout)  # as last reloaded
+    await data.drain()
     await runner.cleanup()
     log.info("stopped")
     return 0

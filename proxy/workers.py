@@ -50,6 +50,7 @@ log = logging.getLogger("grayproxy")
 
 HEADER = struct.Struct("!I")
 EndpointKey = tuple[str, str, str]  # service, version, address
+BACKLOG = 1024  # the data listener's accept queue
 REPORT_TIMEOUT = 1.0
 RESTART_DELAY = 0.5
 ConfigMessage = tuple[str, int, bytes]  # ("config", generation, pickled Config)
@@ -260,6 +261,41 @@ class Supervisor:
             task.cancel()
 
 
+class DataServer:
+    """A process's data plane and its listener, started together and drained together:
+    each worker process's, or with `workers: 1` the one process's (server.serve_alone)."""
+
+    __slots__ = ("listener", "plane", "state")
+
+    def __init__(self, state: LiveState, plane: DataPlane, listener: asyncio.Server) -> None:
+        self.state = state
+        self.plane = plane
+        self.listener = listener
+
+    def __repr__(self) -> str:
+        plane = self.plane
+        mode = "draining" if plane.draining else "serving"
+        return f"<DataServer {mode} [{len(plane.connections)} connections]>"
+
+    @classmethod
+    async def start(cls, state: LiveState, *, reuse_port: bool = False) -> DataServer:
+        """A new DataPlane (counting from zero) serving the config's listen address."""
+        plane = DataPlane(state, Metrics())
+        plane.start()
+        listen = state.snapshot.config.listen
+        listener = await asyncio.get_running_loop().create_server(
+            plane.protocol_factory, listen.host, listen.port, backlog=BACKLOG, reuse_port=reuse_port
+        )
+        return cls(state, plane, listener)
+
+    async def drain(self) -> None:
+        """Stop accepting; let open connections finish, up to the drain_timeout last
+        reloaded; then close what is left."""
+        self.listener.close()
+        self.plane.start_draining()
+        await self.plane.wait_drained(self.state.snapshot.config.drain_timeout)
+
+
 # -- the worker process ---------------------------------------------------
 async def serve_worker(fd: int) -> int:
     loop = asyncio.get_running_loop()
@@ -268,24 +304,14 @@ async def serve_worker(fd: int) -> int:
     assert kind == "config"
     config, router = await asyncio.to_thread(unpack_config, payload)
     state = LiveState(config, None, generation=generation, router=router)
-    plane = DataPlane(state, Metrics())
-    plane.start()
-    server = await loop.create_server(
-        plane.protocol_factory,
-        config.listen.host,
-        config.listen.port,
-        backlog=1024,
-        reuse_port=True,
-    )
+    data = await DataServer.start(state, reuse_port=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    follow: asyncio.Task[None] = loop.create_task(follow_supervisor(reader, writer, state, plane))
+    follow = loop.create_task(follow_supervisor(reader, writer, state, data.plane))
     follow.add_done_callback(lambda _: stop.set())  # the supervisor is gone
     await send(writer, ("ready",))
     await stop.wait()
-    server.close()
-    plane.start_draining()
-    await plane.wait_drained(state.snapshot.config.drain_timeout)
+    await data.drain()
     follow.cancel()
     return 0
 
