@@ -14,6 +14,7 @@ from proxy.loader import load_config
 
 EXIT_CONFIG = 2
 EXIT_LISTEN = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +62,10 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def setup_logging(level: int | str) -> None:
+    """Log to stderr from ``level`` up (a number, or a name such as "DEBUG"): this process's
+    logging, and each worker process's (proxy/workers.py)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def _positive_int(text: str) -> int:
@@ -102,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level.upper())
     if args.workers is not None:
         config = dataclasses.replace(config, workers=args.workers)
     # Imported here, not at the top: `check` and `ctl` stay quick without aiohttp and uvloop.
@@ -131,7 +132,7 @@ def summary(config: Config) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level.upper())
     return _serve(lambda: demo.run_demo(args.port, args.control_port, args.host))
 
 

@@ -19,6 +19,8 @@ not newer than its own, so the order of arrival cannot take it back.
 
 A worker that dies is started again with the current config; its last
 reported counters are kept so that aggregated counters never go backwards.
+A worker logs from the level its supervisor logs from (``--log-level``),
+given on its command line.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 
 import uvloop
 
+from .cli import setup_logging
 from .config import Address, Config
 from .dataplane import DataPlane
 from .metrics import Metrics, StatsDump
@@ -99,11 +102,14 @@ class Worker:
     async def start(self, config_message: Callable[[], Awaitable[ConfigMessage]]) -> None:
         """Start the process and send it ``config_message()``, the newest config."""
         ours, theirs = socket.socketpair()
+        # The worker logs from the level this process logs from (grayproxy run --log-level).
+        log_level = logging.getLogger().getEffectiveLevel()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "proxy.workers",
             str(theirs.fileno()),
+            str(log_level),
             pass_fds=[theirs.fileno()],
             stdin=asyncio.subprocess.DEVNULL,
         )
@@ -309,6 +315,7 @@ async def serve_worker(fd: int) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     follow = loop.create_task(follow_supervisor(reader, writer, state, data.plane))
     follow.add_done_callback(lambda _: stop.set())  # the supervisor is gone
+    log.debug("worker pid %d: serving generation %d on %s", os.getpid(), generation, config.listen)
     await send(writer, ("ready",))
     await stop.wait()
     await data.drain()
@@ -331,6 +338,7 @@ async def follow_supervisor(
                     # Off the loop: requests keep flowing while a large config is unpacked.
                     config, router = await asyncio.to_thread(unpack_config, payload)
                     state.install(config, generation, router)
+                    log.debug("worker pid %d: generation %d installed", os.getpid(), generation)
             elif message[0] == "report":
                 health = endpoint_health(state.snapshot.config, plane)
                 await send(writer, ("report", message[1], plane.metrics.dump(), health))
@@ -349,10 +357,8 @@ def endpoint_health(config: Config, plane: DataPlane) -> dict[EndpointKey, bool]
     }
 
 
-def worker_main(fd: int) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def worker_main(fd: int, log_level: int) -> int:
+    setup_logging(log_level)
     # Ctrl-C reaches the whole process group: the supervisor decides, the
     # worker waits for its SIGTERM. Reloads are the supervisor's too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -378,4 +384,4 @@ def reserve_port(config: Config) -> tuple[Config, socket.socket | None]:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(worker_main(int(sys.argv[1])))
+    sys.exit(worker_main(int(sys.argv[1]), int(sys.argv[2])))

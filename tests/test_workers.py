@@ -8,7 +8,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -154,6 +154,31 @@ def test_a_dead_worker_is_restarted_and_counters_survive(proxy: ProxyProcess) ->
         r'grayproxy_requests_total\{code="200",service="web",version="stable"\} (\S+)', text
     )
     assert found and float(found.group(1)) >= 10
+
+
+def test_workers_log_from_the_level_given_by_log_level(upstreams: dict[str, Upstream]) -> None:
+    with ProxyProcess(render(upstreams), extra_args=["--log-level", "debug"]) as proxy:
+        assert proxy.process is not None
+        workers = children(proxy.process.pid)
+        assert len(workers) == 2
+        for pid in workers:  # each logs this before it tells the supervisor it is ready
+            assert f"DEBUG grayproxy: worker pid {pid}: serving generation 1" in proxy.stderr
+        put_weights(proxy, {"stable": 0, "canary": 100})
+        installed = [f"worker pid {pid}: generation 2 installed" for pid in workers]
+        wait_for(lambda: all(line in proxy.stderr for line in installed))
+
+
+def test_workers_log_nothing_below_info_by_default(proxy: ProxyProcess) -> None:
+    put_weights(proxy, {"stable": 0, "canary": 100})
+    time.sleep(1.0)
+    assert "DEBUG" not in proxy.stderr
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_sigterm_stops_every_worker_and_exits_zero(proxy: ProxyProcess) -> None:
