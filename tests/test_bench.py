@@ -17,7 +17,7 @@ import pytest
 from bench import cli, configs, load, procs, report
 from bench.configs import Shape, Upstreams
 from bench.runner import Settings, Target, interleaved, series_shapes
-from proxy.config import parse_config
+from proxy.loader import parse_config
 
 UPSTREAMS = Upstreams(stable=tuple(range(9001, 9051)), canary=tuple(range(9101, 9151)))
 

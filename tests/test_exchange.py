@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from proxy import errors
-from proxy.config import parse_config
 from proxy.dataplane import (
     ALLOWED,
     DONE,
@@ -26,6 +25,7 @@ from proxy.dataplane import (
     DataPlane,
     Exchange,
 )
+from proxy.loader import parse_config
 from proxy.metrics import Metrics
 from proxy.plan import refusal
 from proxy.state import LiveState

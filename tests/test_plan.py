@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import errors
-from proxy.config import parse_config
 from proxy.endpoints import Upstreams
 from proxy.http1 import forwarded_for_lines, request_line_end
+from proxy.loader import parse_config
 from proxy.metrics import Metrics
 from proxy.plan import PathLimits, Plan, RoutingTable, plan_request
 from proxy.state import LiveState
