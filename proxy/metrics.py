@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from operator import add
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 Clock = Callable[[], float]
 # (service, version, endpoint) -> in rotation; the control API's source of health.
 EndpointHealth = Callable[[str, str, Address], bool]
-# VersionStats.dump(): plain values, picklable, summed by VersionStats.absorb.
-StatsDump = tuple[Any, ...]
 
 # Bucket upper bounds (seconds) of grayproxy_request_duration_seconds: the
 # prometheus_client defaults plus 1 ms and 2.5 ms for fast upstreams.
@@ -103,6 +101,22 @@ def duration_bucket(seconds: float, window: int) -> int:
     """bisect_left(DURATION_BUCKETS, seconds), given window_bucket(seconds)."""
     inside = _DURATION_INSIDE[window]
     return _DURATION_BELOW[window] + (inside >= 0 and DURATION_BUCKETS[inside] < seconds)
+
+
+class StatsDump(NamedTuple):
+    """Every counter of a VersionStats as plain values: picklable (a worker sends its own to
+    the supervisor), and summed by VersionStats.absorb."""
+
+    codes: dict[int, int]
+    duration_buckets: list[int]
+    duration_sum: float
+    upstream_errors: dict[str, int]
+    fallbacks: int
+    # The window's ring, slot by slot: the second each holds, and its counts.
+    slot_seconds: list[int]
+    slot_requests: list[int]
+    slot_errors: list[int]
+    slot_latency: list[list[int]]
 
 
 class VersionStats:
@@ -193,38 +207,32 @@ class VersionStats:
 
     def dump(self) -> StatsDump:
         """Every counter as plain values, to be summed into another process's stats."""
-        return (
-            dict(self.codes),
-            list(self.duration_buckets),
-            self.duration_sum,
-            dict(self.upstream_errors),
-            self.fallbacks,
-            list(self._slot_second),
-            list(self._slot_requests),
-            list(self._slot_errors),
-            [list(latency) for latency in self._slot_latency],
+        return StatsDump(
+            codes=dict(self.codes),
+            duration_buckets=list(self.duration_buckets),
+            duration_sum=self.duration_sum,
+            upstream_errors=dict(self.upstream_errors),
+            fallbacks=self.fallbacks,
+            slot_seconds=list(self._slot_second),
+            slot_requests=list(self._slot_requests),
+            slot_errors=list(self._slot_errors),
+            slot_latency=[list(latency) for latency in self._slot_latency],
         )
 
     def absorb(self, dump: StatsDump) -> None:
         """Add the counters of ``dump`` (another worker's) to these."""
-        codes, buckets, duration_sum, upstream_errors, fallbacks, *window = dump
-        for code, count in codes.items():
+        for code, count in dump.codes.items():
             self.codes[code] = self.codes.get(code, 0) + count
-        self.duration_buckets = list(map(add, self.duration_buckets, buckets))
-        self.duration_sum += duration_sum
-        for kind, count in upstream_errors.items():
+        self.duration_buckets = list(map(add, self.duration_buckets, dump.duration_buckets))
+        self.duration_sum += dump.duration_sum
+        for kind, count in dump.upstream_errors.items():
             self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + count
-        self.fallbacks += fallbacks
-        self._absorb_window(*window)
+        self.fallbacks += dump.fallbacks
+        self._absorb_window(dump)
 
-    def _absorb_window(
-        self,
-        seconds: list[int],
-        requests: list[int],
-        errors: list[int],
-        latencies: list[list[int]],
-    ) -> None:
-        for slot, second in enumerate(seconds):
+    def _absorb_window(self, dump: StatsDump) -> None:
+        requests, errors, latencies = dump.slot_requests, dump.slot_errors, dump.slot_latency
+        for slot, second in enumerate(dump.slot_seconds):
             if second < self._slot_second[slot] or not latencies[slot]:
                 continue  # older than what this slot holds, or never used
             if second > self._slot_second[slot]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from bisect import bisect_left
 
@@ -13,6 +14,7 @@ from proxy.metrics import (
     DURATION_BUCKETS,
     WINDOW_BOUNDS,
     Metrics,
+    StatsDump,
     VersionStats,
     duration_bucket,
     window_bucket,
@@ -243,3 +245,39 @@ def test_buckets_are_the_bisection_of_the_bounds() -> None:
         window = window_bucket(seconds)
         assert window == bisect_left(WINDOW_BOUNDS, seconds), seconds
         assert duration_bucket(seconds, window) == bisect_left(DURATION_BUCKETS, seconds), seconds
+
+
+def test_a_dump_survives_pickling_and_sums_into_another_workers_stats() -> None:
+    clock = FakeClock()
+    mine, theirs = VersionStats(clock), VersionStats(clock)
+    mine.observe(200, 0.004)
+    theirs.observe(200, 0.004)
+    theirs.observe(502, 0.2)
+    theirs.upstream_error("connect")
+    theirs.fallback()
+    dump = pickle.loads(pickle.dumps(theirs.dump()))
+    assert isinstance(dump, StatsDump)
+    assert dump.codes == {200: 1, 502: 1}
+    assert dump.fallbacks == 1
+    mine.absorb(dump)
+    assert mine.codes == {200: 2, 502: 1}
+    assert mine.upstream_errors["connect"] == 1
+    assert mine.fallbacks == 1
+    assert mine.duration_sum == 0.004 + 0.004 + 0.2
+    assert sum(mine.duration_buckets) == 3
+    window = mine.window()
+    assert (window["requests"], window["errors"]) == (3, 1)
+
+
+def test_an_older_dump_does_not_overwrite_a_newer_window_slot() -> None:
+    clock = FakeClock()
+    old, new = VersionStats(clock), VersionStats(clock)
+    old.observe(500, 0.01)
+    clock.now += 60  # the same slot of the ring, one minute later
+    new.observe(200, 0.01)
+    new.absorb(old.dump())
+    window = new.window()
+    assert (window["requests"], window["errors"]) == (1, 0)
+    old.absorb(new.dump())  # the newer second takes the slot over
+    window = old.window()
+    assert (window["requests"], window["errors"]) == (1, 0)
