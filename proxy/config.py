@@ -11,7 +11,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -238,13 +237,3 @@ def split_problem(weights: Mapping[str, float]) -> str | None:
 
 def unknown_version(name: str, names: list[str]) -> str:
     return f"unknown version {name!r} (versions: {', '.join(names)})"
-
-
-def __getattr__(name: str) -> Any:
-    """parse_config and load_config live in proxy.loader: importing them from here works only
-    until tests/test_plan.py, test_exchange.py and test_bench.py import them from there."""
-    if name in ("parse_config", "load_config"):
-        from proxy import loader  # at call time: loader imports this module
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
