@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 import mmh3
 
-from proxy.config import FieldMatch, HashSource, IPNetwork, Rule, Service
+from proxy.config import FieldMatch, HashSource, IPNetwork, Rule, Service, split_problem
 
 IPBits = tuple[int, int]  # (IP version, address as int)
 Candidate = tuple[str, int, float]  # (version name, hash seed, 1 / weight)
@@ -194,8 +194,8 @@ def _utf8(text: str) -> bytes:
 def _check_weights(weights: Mapping[str, float]) -> None:
     if any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
         raise ValueError(f"weights must be finite and >= 0: {dict(weights)}")
-    if not any(w > 0 for w in weights.values()):
-        raise ValueError(f"at least one weight must be > 0: {dict(weights)}")
+    if problem := split_problem(weights):
+        raise ValueError(f"{problem}: {dict(weights)}")
 
 
 # --- rules ---------------------------------------------------------------------------------
