@@ -216,7 +216,7 @@ def _endpoint_list(ports: Sequence[int]) -> str:
 
 
 def realistic_rules() -> str:
-    """SPEC §1's rules; the benchmark's requests match none of them."""
+    """The example config's rules; the benchmark's requests match none of them."""
     return """      - match: {header: {name: x-canary, value: always}}
         version: canary
       - match: {header: {name: x-canary, value: never}}

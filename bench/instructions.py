@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, cost in sorted(costs.items(), key=lambda item: -item[1])[: args.functions]:
         print(f"{cost:10,.0f}  {name}")
     if args.functions and not costs:
-        print("no compiled function seen: is the tree built? (see README, Compiled data path)")
+        print("no compiled function seen: is it built? (see docs/development.md)")
     return 0
 
 

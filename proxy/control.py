@@ -1,4 +1,4 @@
-"""The control API (SPEC §4): reads and atomic changes of the live state, health and metrics.
+"""The control API: reads and atomic changes of the live state, health and metrics.
 
 Errors are mapped to status in one place (``_errors``): ControlRefused knows its
 own status, ConfigError is 400 with every problem in ``details``, aiohttp's

@@ -1,4 +1,4 @@
-"""`grayproxy ctl`: a client for the control API (SPEC §4), standard library only.
+"""`grayproxy ctl`: a client for the control API (docs/control-api.md), standard library only.
 
 The API's address comes from ``GRAYPROXY_CONTROL`` (default ``http://127.0.0.1:9901``,
 where a config without ``control.listen`` puts it), the token from ``GRAYPROXY_TOKEN``.

@@ -74,7 +74,7 @@ class UpstreamReset(ProxyError):
 
 
 class BadUpstreamResponse(ProxyError):
-    """Counted as a reset: the proxy drops the connection (SPEC §5 keeps three kinds)."""
+    """Counted as a reset: the proxy drops the connection (docs/metrics.md: few kinds)."""
 
     status = 502
     kind = "reset"

@@ -638,7 +638,7 @@ class _Reader:
     def control_listen(
         self, listen: Address, node: Node, data_listen: Address, tokenless: bool
     ) -> None:
-        if tokenless and not _is_loopback(listen.host):  # SPEC §4: refuse to start
+        if tokenless and not _is_loopback(listen.host):  # an open control API: refuse to start
             needs = "a non-loopback control listener needs control.token_env or token_file"
             self.error("control.listen", node, needs)
         if listen.port and listen == data_listen:

@@ -296,7 +296,7 @@ def test_ctl_weights_parse_into_a_json_body() -> None:
         assert exit_info.value.code == 2
 
 
-SPEC_SERVICE = {
+EXAMPLE_SERVICE = {
     "name": "web",
     "generation": 7,
     "baseline": "stable",
@@ -325,13 +325,13 @@ SPEC_SERVICE = {
 
 
 def test_status_table_for_people() -> None:
-    assert ctl.format_status({"generation": 7, "services": [SPEC_SERVICE]}) == (
+    assert ctl.format_status({"generation": 7, "services": [EXAMPLE_SERVICE]}) == (
         "web  generation 7  baseline stable\n"
         "  VERSION  WEIGHT  SHARE   HEALTHY  REQUESTS  ERRORS  P50    P99\n"
         "  stable   90      90.00%  1/2      1234      0.16%   3.1ms  12.0ms\n"
         "  canary   10      10.00%  1/1      0         -       -      -"
     )
-    assert ctl.format_change(SPEC_SERVICE) == "web: stable=90 canary=10 (generation 7)"
+    assert ctl.format_change(EXAMPLE_SERVICE) == "web: stable=90 canary=10 (generation 7)"
     assert ctl.format_reload({"generation": 8, "warnings": ["x"]}) == (
         "reloaded: generation 8\nwarning: x"
     )

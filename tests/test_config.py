@@ -1,4 +1,4 @@
-"""Configuration loading: example files, the SPEC example, every error with its path and line."""
+"""Configuration loading: example files, the documented example, every error and its line."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from proxy.loader import (
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
-SPEC_EXAMPLE = """\
+EXAMPLE = """\
 listen: "127.0.0.1:8080"            # data plane; host:port, [::1]:port
 workers: 1                          # processes sharing the port (SO_REUSEPORT)
 control:
@@ -119,9 +119,9 @@ def test_examples_other_than_gateway_need_no_token(
     assert load_config(str(CONFIG_DIR / name)).control.token is None
 
 
-def test_canary_example_is_the_spec_example(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_canary_example_is_the_documented_example(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAYPROXY_TOKEN", "t")
-    assert load_config(str(CONFIG_DIR / "canary.yaml")).services == parse(SPEC_EXAMPLE).services
+    assert load_config(str(CONFIG_DIR / "canary.yaml")).services == parse(EXAMPLE).services
 
 
 def test_blue_green_example_previews_the_idle_version() -> None:
@@ -143,12 +143,12 @@ def test_gateway_example_needs_its_token(monkeypatch: pytest.MonkeyPatch) -> Non
     ]
 
 
-# ------------------------------------------------------------------------ the SPEC example
+# ------------------------------------------------------------------ the documented example
 
 
 def test_spec_example_loads_into_the_right_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAYPROXY_TOKEN", "  s3cret\n")
-    config = parse(SPEC_EXAMPLE)
+    config = parse(EXAMPLE)
     assert config.listen == Address("127.0.0.1", 8080)
     assert config.workers == 1
     assert config.control.listen == Address("127.0.0.1", 9901)

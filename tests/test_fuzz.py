@@ -7,7 +7,7 @@ For every input: the proxy stays alive, answers only well-formed HTTP/1.1
 responses with a 3-digit status and never a traceback, and what reaches the
 upstream is exactly the requests a strict reading of the input allows: a
 request that must be refused (llhttp refuses its syntax, or it is ambiguous
-per SPEC §3) is never forwarded, not even in part, and nothing after it.
+per docs/data-path.md) is never forwarded, not even in part, and nothing after it.
 """
 
 from __future__ import annotations
@@ -371,12 +371,12 @@ class StrictReading:
         return allowed, self.ending == "error"
 
 
-# RFC 3986 host (reg-name without the comma SPEC §3 refuses, or IP-literal) and port.
+# RFC 3986 host (reg-name without the comma the proxy refuses, or IP-literal) and port.
 HOST_VALUE = re.compile(rb"\A([A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?\Z")
 
 
 def must_refuse(message: Message) -> bool:
-    """SPEC §3: the shapes the proxy must refuse even though llhttp accepts them."""
+    """The shapes the proxy must refuse even though llhttp accepts them."""
     hosts = [value for name, value in message.headers if name == b"host"]
     codings = [value for name, value in message.headers if name == b"transfer-encoding"]
     if message.version not in ("1.0", "1.1") or message.method == b"CONNECT":

@@ -350,8 +350,8 @@ def test_request_line_without_version_is_refused(
 def test_http_1_2_is_refused_with_505_or_served_as_1_1(
     proxy: ProxyProcess, upstream: RecordingUpstream
 ) -> None:
-    """SPEC §3 says 505 for a major version other than 1, issue 3 for anything
-    but 1.0 and 1.1; RFC 9112 lets a server treat 1.2 as 1.1. Both are fine,
+    """505 for a major version other than 1, and for anything but
+    1.0 and 1.1; RFC 9112 lets a server treat 1.2 as 1.1. Both are fine,
     a 400 is not."""
     raw = b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n"
     before = len(upstream.requests)
