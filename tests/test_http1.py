@@ -15,13 +15,17 @@ from proxy.http1 import (
     UNDERSCORES_REJECT,
     RequestHead,
     check_transfer_encoding,
+    error_response,
     forwarded_for_lines,
+    framed_response_head,
     open_chunk_size,
     origin_form,
+    request_line_end,
     response_lines,
     status_line,
     tunnelled_upgrade,
     upstream_head,
+    verbatim_head,
 )
 
 
@@ -284,3 +288,70 @@ def test_content_length_goes_upstream_without_leading_zeros(given: bytes, sent: 
     request = head((b"Host", b"x"), (b"Content-Length", given))
     upstream = upstream_head(b"POST", b"/", request, forwarded_for_lines("::1"), None)
     assert b"content-length: " + sent + b"\r\n" in upstream
+
+
+def test_an_upgrade_request_with_a_one_byte_body_is_refused_and_one_without_upgrade_is_not() -> (
+    None
+):
+    with pytest.raises(errors.BadRequest, match=r"^an Upgrade request may not carry a body$"):
+        tunnelled_upgrade(b"GET", upgrade_head((b"Content-Length", b"1")), http10=False)
+    assert tunnelled_upgrade(b"GET", upgrade_head(), http10=False) is None
+
+
+@pytest.mark.parametrize(
+    ("length", "bodyless", "http10", "close", "expected", "chunked", "closes"),
+    [
+        (b"2", False, False, False, b"content-length: 2\r\nX\r\n\r\n", False, False),
+        (None, False, False, False, b"transfer-encoding: chunked\r\nX\r\n\r\n", True, False),
+        (None, False, True, False, b"X\r\nconnection: close\r\n\r\n", False, True),
+        (None, True, True, False, b"X\r\nconnection: keep-alive\r\n\r\n", False, False),
+        (None, True, False, True, b"X\r\nconnection: close\r\n\r\n", False, True),
+        (b"0", True, False, False, b"content-length: 0\r\nX\r\n\r\n", False, False),
+    ],
+)
+def test_a_response_head_is_framed_for_its_body_and_its_client(
+    length: bytes | None,
+    bodyless: bool,
+    http10: bool,
+    close: bool,
+    expected: bytes,
+    chunked: bool,
+    closes: bool,
+) -> None:
+    """Known length: Content-Length; unknown: chunked for HTTP/1.1, the close
+    for HTTP/1.0; the proxy's own lines (X) after them."""
+    head = framed_response_head([b"HTTP/1.1 200 OK\r\n"], length, bodyless, http10, close, b"X\r\n")
+    assert head == (b"HTTP/1.1 200 OK\r\n" + expected, chunked, closes)
+
+
+def test_an_error_response_says_its_status_and_why() -> None:
+    assert error_response(502, "upstream refused", b"x-v: a\r\n", True, False) == (
+        b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: 34\r\nx-v: a\r\nconnection: close\r\n\r\n"
+        b"502 Bad Gateway: upstream refused\n"
+    )
+    assert error_response(599, "odd", b"", False, True) == (
+        b"HTTP/1.1 599 Unknown\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: 15\r\n\r\n"
+    )
+    assert error_response(599, "odd", b"", False, False).endswith(b"\r\n\r\n599 Error: odd\n")
+
+
+def test_a_request_line_and_head_are_passed_on_only_when_whole_and_plain() -> None:
+    read = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n\r\n"
+    end = request_line_end(read, b"GET", b"/a")
+    assert end == 15  # where its CRLF begins
+    assert verbatim_head(read, end) == b"GET /a HTTP/1.1\r\nHost: x\r\n"
+    assert verbatim_head(read[:25], end) == b""  # the head is not whole in the read
+    assert verbatim_head(read, 0) == b""
+    assert request_line_end(b"GET /a HTTP/1.0\r\n\r\n", b"GET", b"/a") == 0
+    assert request_line_end(b"ET /a HTTP/1.1\r\n\r\n", b"GET", b"/a") == 0
+    # The smallest head: a request line and its empty line.
+    assert verbatim_head(b"GET / HTTP/1.1\r\n\r\n", 14) == b"GET / HTTP/1.1\r\n"
+
+
+def test_open_chunk_size_at_the_first_byte_and_with_a_line_split_before_its_crlf() -> None:
+    assert open_chunk_size(b"", b"a\r\n", 0) == 10
+    assert open_chunk_size(b"x\r\n1", b"2\r", 0) is None  # its CRLF not here yet
+    assert open_chunk_size(b"x\r\n12\r", b"\nab", 2) == 0x12
+    assert open_chunk_size(b"", b"\r\n", 0) is None  # an empty line is no size
