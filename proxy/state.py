@@ -28,8 +28,11 @@ parsing it).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from proxy.config import Config, ConfigError, Service, check_weights
@@ -126,7 +129,8 @@ class LiveState:
             raise ConfigError(["reload: no config file; this process runs an embedded config"])
         asked_at = self.snapshot.generation
         async with self._reloading:
-            loaded, router = await asyncio.to_thread(load_and_route, path)
+            with loop_first():
+                loaded, router = await asyncio.to_thread(load_and_route, path)
             return self._adopt(loaded, router, asked_at)
 
     def install(self, config: Config, generation: int, router: Router | None = None) -> Snapshot:
@@ -196,6 +200,30 @@ class LiveState:
 
 def _all_to(names: list[str], chosen: str) -> dict[str, float]:
     return {name: 100.0 if name == chosen else 0.0 for name in names}
+
+
+# While a thread parses a config, the interpreter lets the event loop's thread
+# run after at most this long: the default, 5 ms, is waited for at each socket
+# event (a 5 MB reload served 9x fewer GETs with it).
+PARSE_SWITCH_INTERVAL = 0.0005
+
+
+@contextmanager
+def loop_first() -> Iterator[None]:
+    """While a thread parses a config, keep the event loop going: the
+    interpreter switches to it sooner, and no garbage collection runs. The
+    parse makes millions of objects, and a full collection of them holds every
+    thread (60-100 ms for 5 MB; 30-40 ms of GETs' worst latency without)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(PARSE_SWITCH_INTERVAL)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+        if collecting:
+            gc.enable()
 
 
 def load_and_route(path: str) -> tuple[Config, Router]:

@@ -47,7 +47,7 @@ from .config import Address, Config
 from .dataplane import DataPlane
 from .metrics import Metrics, StatsDump
 from .routing import Router
-from .state import LiveState, Snapshot
+from .state import LiveState, Snapshot, loop_first
 
 log = logging.getLogger("grayproxy")
 
@@ -336,7 +336,8 @@ async def follow_supervisor(
                 _, generation, payload = message
                 if generation > state.snapshot.generation:
                     # Off the loop: requests keep flowing while a large config is unpacked.
-                    config, router = await asyncio.to_thread(unpack_config, payload)
+                    with loop_first():
+                        config, router = await asyncio.to_thread(unpack_config, payload)
                     state.install(config, generation, router)
                     log.debug("worker pid %d: generation %d installed", os.getpid(), generation)
             elif message[0] == "report":
