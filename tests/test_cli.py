@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from proxy import ctl
 from proxy.cli import build_parser
 
-from procs import ProxyProcess, free_port, is_listening, run_cli
+from procs import ProxyProcess, child_env, free_port, grayproxy_command, is_listening, run_cli
 
 GOOD = """\
 listen: "127.0.0.1:${data_port}"
@@ -83,6 +84,23 @@ def test_check_accepts_a_good_config_with_a_one_line_summary(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{path}: OK: 2 services: web (stable, canary), api (blue, green)\n"
     assert result.stderr == ""
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`grayproxy check -c FILE | head -0`: no traceback when the reader is gone."""
+    path = write(tmp_path, GOOD)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as closed:
+        done = subprocess.run(
+            grayproxy_command("check", "-c", path),
+            stdout=closed,
+            stderr=subprocess.PIPE,
+            env=child_env({"GRAYPROXY_TEST_TOKEN": TOKEN}),
+            check=False,
+        )
+    assert done.returncode == 1
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
 
 
 def test_check_lists_every_error_with_its_path_and_line(tmp_path: Path) -> None:
