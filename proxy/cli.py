@@ -109,12 +109,13 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level.upper())
+    as_in_file = config
     if args.workers is not None:
         config = dataclasses.replace(config, workers=args.workers)
     # Imported here, not at the top: `check` and `ctl` stay quick without aiohttp and uvloop.
     from proxy import server
 
-    return _serve(lambda: server.run(config, args.config))
+    return _serve(lambda: server.run(config, args.config, as_in_file=as_in_file))
 
 
 def _check(args: argparse.Namespace) -> int:

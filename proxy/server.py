@@ -31,11 +31,13 @@ def run(
     config_path: str | None = None,
     *,
     setup: Callable[[], Awaitable[None]] | None = None,
+    as_in_file: Config | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    """Serve until SIGTERM or SIGINT; returns the process exit code. `as_in_file`
+    is the config as its file gave it, when `config` differs (--workers)."""
     raise_file_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, config_path, setup))
+        return runner.run(serve(config, config_path, setup, as_in_file))
 
 
 def raise_file_limit() -> None:
@@ -51,16 +53,17 @@ async def serve(
     config: Config,
     config_path: str | None,
     setup: Callable[[], Awaitable[None]] | None = None,
+    as_in_file: Config | None = None,
 ) -> int:
     if setup is not None:
         await setup()
     if config.workers > 1:
-        return await serve_supervised(config, config_path)
-    return await serve_alone(config, config_path)
+        return await serve_supervised(config, config_path, as_in_file or config)
+    return await serve_alone(config, config_path, as_in_file or config)
 
 
-async def serve_alone(config: Config, config_path: str | None) -> int:
-    state = LiveState(config, config_path)
+async def serve_alone(config: Config, config_path: str | None, as_in_file: Config) -> int:
+    state = LiveState(config, config_path, as_in_file=as_in_file)
     data = await DataServer.start(state)
     plane = data.plane
     runner = await start_control(
@@ -80,9 +83,9 @@ async def serve_alone(config: Config, config_path: str | None) -> int:
     return 0
 
 
-async def serve_supervised(config: Config, config_path: str | None) -> int:
+async def serve_supervised(config: Config, config_path: str | None, as_in_file: Config) -> int:
     config, port_holder = reserve_port(config)
-    state = LiveState(config, config_path)
+    state = LiveState(config, config_path, as_in_file=as_in_file)
     metrics = Metrics()
     supervisor = Supervisor(state, metrics, config.workers)
     try:

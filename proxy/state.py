@@ -66,8 +66,12 @@ class LiveState:
         *,
         generation: int = 1,
         router: Router | None = None,
+        as_in_file: Config | None = None,
     ) -> None:
         self.config_path = config_path
+        # The static settings as the file gave them at start: a reload warns when
+        # the file changes one (the running value, maybe a command line's, stays).
+        self._static_in_file = as_in_file or config
         if router is None:
             router = Router(config.services)
         self.snapshot = Snapshot(generation, config, router)
@@ -142,11 +146,12 @@ class LiveState:
     def _adopt(self, loaded: Config, router: Router, asked_at: int) -> Snapshot:
         """Swap in a config read from the file for a reload asked for at ``asked_at``."""
         running = self.snapshot.config
+        started = self._static_in_file
         changed = [
-            name for name in STATIC_SETTINGS if getattr(loaded, name) != getattr(running, name)
+            name for name in STATIC_SETTINGS if getattr(loaded, name) != getattr(started, name)
         ]
         warnings = [f"{name}: changed in the file; a restart applies it" for name in changed]
-        kept = {name: getattr(running, name) for name in changed}
+        kept = {name: getattr(running, name) for name in STATIC_SETTINGS}
         config = replace(loaded, **kept)  # the services, and so the router, are the file's
         moved = [
             service

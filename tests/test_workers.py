@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +112,26 @@ def test_a_reload_reaches_every_worker_and_a_restarted_one(
         assert time.monotonic() < deadline, "the worker was not restarted"
         time.sleep(0.05)
     assert versions_seen(proxy, 40) == {"canary"}
+
+
+def reload(proxy: ProxyProcess) -> dict[str, Any]:
+    request = urllib.request.Request(proxy.control_url + "/api/v1/reload", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def test_workers_from_the_command_line_are_no_change_in_the_file(
+    upstreams: dict[str, Upstream],
+) -> None:
+    """--workers 3 over the file's 2: a reload of the same file warns of
+    nothing; a file that changes workers is warned of, and 3 keep serving."""
+    text = render(upstreams)
+    with ProxyProcess(text, extra_args=["--workers", "3"]) as proxy:
+        assert reload(proxy)["warnings"] == []
+        proxy.write_config(text.replace("workers: 2", "workers: 4"))
+        assert reload(proxy)["warnings"] == ["workers: changed in the file; a restart applies it"]
+        assert listeners(proxy.data_port) == 3
 
 
 def listeners(port: int) -> int:
