@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import errors
+from proxy import errors, http1
 from proxy.http1 import (
     MAX_CHUNK_LINE,
     PROTECTED,
@@ -27,6 +27,14 @@ from proxy.http1 import (
     upstream_head,
     verbatim_head,
 )
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_names() -> None:
+    """http1 remembers what it worked out per header name, Host and Connection
+    value: each test starts without, so that the working out is what it tests."""
+    for cache in (http1._NAMES, http1._HOST_LINES, http1._CONNECTION_OPTIONS):
+        cache.clear()
 
 
 def head(*lines: tuple[bytes, bytes], http10: bool = False) -> RequestHead:
