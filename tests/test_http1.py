@@ -93,6 +93,15 @@ def test_request_head_refusals(lines: list[tuple[bytes, bytes]], error: type[Exc
         RequestHead(lines, http10=False)
 
 
+def test_a_plain_head_asks_for_nothing_special() -> None:
+    request = head((b"Host", b"x"), (b"Expect", b"something-else"))
+    assert (request.chunked, request.want_continue) == (False, False)
+
+
+def test_absolute_form_keeps_a_path_that_holds_a_scheme() -> None:
+    assert origin_form(b"http://x/a?u=http://y/b", "x", b"GET") == b"/a?u=http://y/b"
+
+
 def test_http10_may_omit_host_and_ipv6_hosts_are_valid() -> None:
     assert head(http10=True).host == ""
     assert head((b"Host", b"[::1]:8080")).host == "[::1]:8080"
