@@ -25,7 +25,7 @@ WITH_COMPILED := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED_DIR):$(CURDIR)
 CONFIGS ?= $(wildcard config/*.yaml)
 PYTEST_ARGS ?=
 
-.PHONY: run test test-compiled lint format check-config bench clean which-python
+.PHONY: run test test-compiled lint format check-config bench mutation clean which-python
 
 run: $(COMPILED)
 	$(WITH_COMPILED) $(BIN)/python -m proxy demo
@@ -59,12 +59,18 @@ check-config: $(INSTALLED)
 bench: $(BENCH_INSTALLED) $(COMPILED)
 	$(WITH_COMPILED) $(BIN)/python -m bench $(BENCH_ARGS)
 
+# Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml); `mutmut results`
+# then lists the survivors, `mutmut show NAME` one of them.
+mutation: $(TEST_INSTALLED)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check mutmut==3.8.1
+	$(BIN)/mutmut run
+
 # The interpreter a new venv is built from (.ci/run checks it has its headers).
 which-python:
 	@echo $(PYTHON)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 $(BIN)/python:
