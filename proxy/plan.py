@@ -167,39 +167,38 @@ def plan_request(
     (see http1.request_line_end; 0 when it cannot be sent on as received)."""
     plan = Plan(method)
     try:
-        _plan(
-            plan,
-            url,
-            raw_headers,
-            version,
-            keep_alive,
-            upgrade_asked,
-            table,
-            limits,
-            forwarded_for,
+        head = _checked_head(plan, raw_headers, version, keep_alive, upgrade_asked, limits)
+        target = origin_form(url, head.host, method)
+        path, _, query = target.partition(b"?")
+        view = RequestView(
+            method.decode("latin-1"),
+            path.decode("latin-1"),
+            query.decode("latin-1"),
+            head.headers,
             client_ip,
-            message_read,
-            line_end,
         )
+        _route(plan, table, head.host, view)
+        max_body = limits.max_body_bytes
+        length = head.content_length
+        if max_body and length is not None and int(length) > max_body:
+            raise errors.PayloadTooLarge(f"request body over {max_body} bytes")
+        unchanged = head.unchanged and target is url
+        verbatim = verbatim_head(message_read, line_end) if unchanged else b""
+        plan.head = upstream_head(method, target, head, forwarded_for, plan.upgrade, verbatim)
     except ProxyError as exc:
         plan.error = exc
     return plan
 
 
-def _plan(
+def _checked_head(
     plan: Plan,
-    url: bytes,
     raw_headers: list[tuple[bytes, bytes]],
     version: str,
     keep_alive: bool,
     upgrade_asked: bool,
-    table: RoutingTable,
     limits: PathLimits,
-    forwarded_for: bytes,
-    client_ip: str,
-    message_read: bytes,
-    line_end: int,
-) -> None:
+) -> RequestHead:
+    """The head's checks, and what they tell the plan of its framing."""
     method = plan.method
     if version not in ("1.1", "1.0"):
         raise errors.VersionNotSupported(f"HTTP/{version} is not supported")
@@ -215,23 +214,7 @@ def _plan(
         # The bytes after a tunnelled upgrade's head are the tunnel's: unless
         # the upstream answers 101, the connection ends with this exchange.
         plan.close = plan.close or plan.upgrade is not None
-    target = origin_form(url, head.host, method)
-    path, _, query = target.partition(b"?")
-    view = RequestView(
-        method.decode("latin-1"),
-        path.decode("latin-1"),
-        query.decode("latin-1"),
-        head.headers,
-        client_ip,
-    )
-    _route(plan, table, head.host, view)
-    max_body = limits.max_body_bytes
-    length = head.content_length
-    if max_body and length is not None and int(length) > max_body:
-        raise errors.PayloadTooLarge(f"request body over {max_body} bytes")
-    unchanged = head.unchanged and target is url
-    verbatim = verbatim_head(message_read, line_end) if unchanged else b""
-    plan.head = upstream_head(method, target, head, forwarded_for, plan.upgrade, verbatim)
+    return head
 
 
 def _route(plan: Plan, table: RoutingTable, host: str, view: RequestView) -> None:
