@@ -315,7 +315,7 @@ class ClientConnection(asyncio.Protocol):
             self._headers,
             self.request_version(),
             parser.should_keep_alive(),
-            parser.should_upgrade(),
+            parser,
             self.plane.table,
             self.plane.limits,
             self.forwarded_for,
@@ -550,11 +550,6 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {STATE_NAMES[self.state]} {self.plan!r}>"
-
-    @property
-    def upgrade(self) -> bytes | None:
-        """The Upgrade asked for and passed on (WebSocket), else None."""
-        return self.plan.upgrade
 
     def _to(self, state: int) -> None:
         if not (ALLOWED[self.state] >> state) & 1:

@@ -10,6 +10,8 @@ version). The exchange then only carries the plan out.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from . import errors
 from .config import Config, Timeouts
 from .endpoints import Balancer, Upstreams
@@ -24,6 +26,12 @@ from .http1 import (
 from .metrics import Metrics, VersionStats
 from .routing import RequestView, Router
 from .state import Snapshot
+
+
+class UpgradeFlag(Protocol):
+    """The parser's word on whether the head it just read asks for an upgrade."""
+
+    def should_upgrade(self) -> bool: ...
 
 
 class PathLimits:
@@ -151,7 +159,7 @@ def plan_request(
     raw_headers: list[tuple[bytes, bytes]],
     version: str,
     keep_alive: bool,
-    upgrade_asked: bool,
+    upgrade: UpgradeFlag,
     table: RoutingTable,
     limits: PathLimits,
     forwarded_for: bytes,
@@ -160,14 +168,15 @@ def plan_request(
     line_end: int,
 ) -> Plan:
     """The plan for a request head as the parser gave it: `version` and
-    `keep_alive` as it read them, `upgrade_asked` when the head asks for an
-    upgrade (Connection: upgrade and an Upgrade header); `forwarded_for` is
+    `keep_alive` as it read them, and `upgrade` says whether the head asks for
+    an upgrade (Connection: upgrade and an Upgrade header; asked only when there
+    is an Upgrade header: it costs a call into the parser); `forwarded_for` is
     http1.forwarded_for_lines(client_ip); `message_read` and `line_end` are
     the read the message began with and where its request line ends in it
     (see http1.request_line_end; 0 when it cannot be sent on as received)."""
     plan = Plan(method)
     try:
-        head = _checked_head(plan, raw_headers, version, keep_alive, upgrade_asked, limits)
+        head = _checked_head(plan, raw_headers, version, keep_alive, upgrade, limits)
         target = origin_form(url, head.host, method)
         path, _, query = target.partition(b"?")
         view = RequestView(
@@ -195,7 +204,7 @@ def _checked_head(
     raw_headers: list[tuple[bytes, bytes]],
     version: str,
     keep_alive: bool,
-    upgrade_asked: bool,
+    upgrade: UpgradeFlag,
     limits: PathLimits,
 ) -> RequestHead:
     """The head's checks, and what they tell the plan of its framing."""
@@ -209,7 +218,7 @@ def _checked_head(
     head = RequestHead(raw_headers, plan.http10, limits.headers_with_underscores)
     plan.chunked = head.chunked
     plan.want_continue = head.want_continue
-    if upgrade_asked and "upgrade" in head.headers:
+    if "upgrade" in head.headers and upgrade.should_upgrade():
         plan.upgrade = tunnelled_upgrade(method, head, plan.http10)
         # The bytes after a tunnelled upgrade's head are the tunnel's: unless
         # the upstream answers 101, the connection ends with this exchange.

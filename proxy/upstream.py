@@ -168,7 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_informational(status, self._headers)
             self._headers = []  # the final response's follow
             return
-        if status == 101 and not sink.upgrade:
+        if status == 101 and not sink.plan.upgrade:
             self._fail(BadUpstreamResponse("upstream switched protocols unasked"))
             return
         self.upgraded = status == 101

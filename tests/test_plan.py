@@ -61,10 +61,22 @@ def plan(
     routing, limits = table
     line_end = request_line_end(raw, method, url) if raw else 0
     forwarded_for = forwarded_for_lines("10.0.0.1")
+    asks = Asks(False)
+    client = "10.0.0.1"
     return plan_request(
-        method, url, headers, version, True, False, routing, limits, forwarded_for, "10.0.0.1",
-        raw, line_end,
+        method, url, headers, version, True, asks, routing, limits, forwarded_for, client, raw,
+        line_end,
     )  # fmt: skip
+
+
+class Asks:
+    """What the parser says of an upgrade: Connection: upgrade and an Upgrade header."""
+
+    def __init__(self, upgrade: bool) -> None:
+        self.upgrade = upgrade
+
+    def should_upgrade(self) -> bool:
+        return self.upgrade
 
 
 HOST: Headers = [(b"Host", b"web.test")]
@@ -138,13 +150,19 @@ def test_an_upgrade_plan_closes_unless_switched(table: tuple[RoutingTable, PathL
     routing, limits = table
     headers = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
     planned = plan_request(
-        b"GET", b"/ws", headers, "1.1", True, True, routing, limits, b"", "10.0.0.1", b"", 0
+        b"GET", b"/ws", headers, "1.1", True, Asks(True), routing, limits, b"", "10.0.0.1", b"", 0
     )
     assert planned.upgrade == b"websocket" and planned.close
     assert planned.head.endswith(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
     h2c = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"h2c")]
     planned = plan_request(
-        b"GET", b"/", h2c, "1.1", True, True, routing, limits, b"", "10.0.0.1", b"", 0
+        b"GET", b"/", h2c, "1.1", True, Asks(True), routing, limits, b"", "10.0.0.1", b"", 0
     )
     assert planned.upgrade is None and not planned.close
     assert b"pgrade" not in planned.head
+    # An Upgrade header without Connection: upgrade asks for nothing.
+    unasked = [*HOST, (b"Upgrade", b"websocket")]
+    planned = plan_request(
+        b"GET", b"/", unasked, "1.1", True, Asks(False), routing, limits, b"", "10.0.0.1", b"", 0
+    )
+    assert planned.upgrade is None and not planned.close
