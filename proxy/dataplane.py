@@ -245,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
             except ProxyError as exc:
                 self.refuse(exc)
                 return
-        self._earlier = (self._earlier + data)[-MAX_CHUNK_LINE:]
+        self._earlier = (self._earlier + data[-MAX_CHUNK_LINE:])[-MAX_CHUNK_LINE:]
 
     def _parse_error(self, exc: Exception) -> ProxyError:
         if self._pending_error is not None:
