@@ -99,9 +99,42 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """A listener's certificate and key (``tls:`` beside ``listen``, ``control.tls``).
+
+    ``digest`` is a hash of both files' bytes as the loader read them: a reload
+    that finds other bytes (a rotated certificate) gives a different value,
+    so comparing two values says whether the listener must load them again.
+    """
+
+    cert: str  # the file's path, made absolute against the config file's directory
+    key: str
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """HTTPS to a version's endpoints (``versions.NAME.tls``); every field optional.
+
+    ``ca`` replaces the system's CA certificates; ``server_name`` is sent as
+    SNI and verified (default: the endpoint's host); ``cert`` and ``key``
+    (together) are the client certificate for mTLS. ``digest`` hashes the
+    files' bytes, as for ListenerTls: equal values can share one SSLContext.
+    """
+
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Version:
     name: str
     endpoints: tuple[Address, ...]
+    tls: UpstreamTls | None = None  # None: plain HTTP to its endpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +198,7 @@ class Control:
     token: str | None = None  # resolved at load from token_env / token_file
     token_env: str | None = None
     token_file: str | None = None
+    tls: ListenerTls | None = None  # None: plain HTTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +211,7 @@ class Config:
     limits: Limits = Limits()
     drain_timeout: float = 30.0
     headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
+    tls: ListenerTls | None = None  # the data listener's; None: plain HTTP
     source: str = field(default="<string>", compare=False)
 
 

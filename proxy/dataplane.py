@@ -61,6 +61,8 @@ class DataPlane:
         self.upstreams = Upstreams()
         self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
         self.connections: set[ClientConnection] = set()
+        # X-Forwarded-Proto: whether the listener speaks TLS is fixed at start (see state.py)
+        self.scheme = b"https" if state.snapshot.config.tls is not None else b"http"
         self.draining = False
         self.now = time.monotonic()  # the ticker's clock, for timeouts
         self._ticker: asyncio.TimerHandle | None = None
@@ -181,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
-        self.forwarded_for = forwarded_for_lines(self.client_ip)
+        self.forwarded_for = forwarded_for_lines(self.client_ip, self.plane.scheme)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from random import random, randrange
@@ -24,8 +25,14 @@ from time import monotonic
 from typing import Final, Protocol
 
 from .config import Address, Config, HealthCheck, OutlierDetection, Service, Timeouts, Version
-from .errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamOverflow
+from .errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamOverflow,
+    UpstreamTlsError,
+)
 from .health import Checked, HealthChecker
+from .tls import ClientContexts, ClientTls, tls_failure
 from .upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class Endpoint:
         "outstanding",
         "returned_at",
         "timers",
+        "tls",
     )
 
     def __init__(
@@ -99,6 +107,7 @@ class Endpoint:
         self.timers = timers
         self.idle_timeout = Timeouts().idle  # both set by Balancer.configure
         self.max_connections = UNLIMITED
+        self.tls: ClientTls | None = None  # HTTPS to this endpoint; set by Upstreams.update
         self._idle: list[UpstreamConnection] = []
         self.closed = False
         self.outstanding = 0  # requests in flight on this endpoint
@@ -140,15 +149,32 @@ class Endpoint:
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
+        tls = self.tls
+        if tls is not None and tls.context is None:
+            raise UpstreamTlsError(f"TLS to {self.address}: {tls.problem}")
         self.connecting += 1
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: UpstreamConnection(self), self.address.host, self.address.port
-                )
+                if tls is None:
+                    _, conn = await asyncio.get_running_loop().create_connection(
+                        lambda: UpstreamConnection(self), self.address.host, self.address.port
+                    )
+                else:
+                    _, conn = await asyncio.get_running_loop().create_connection(
+                        lambda: UpstreamConnection(self),
+                        self.address.host,
+                        self.address.port,
+                        ssl=tls.context,
+                        server_hostname=tls.server_name,
+                    )
         except TimeoutError:
             self._connect_failed()
             raise UpstreamConnectTimeout(f"connect to {self.address} timed out") from None
+        except ssl.SSLError as exc:  # before OSError, its base class
+            self._connect_failed()
+            raise UpstreamTlsError(
+                f"TLS handshake with {self.address} failed: {tls_failure(exc)}"
+            ) from None
         except OSError as exc:
             self._connect_failed()
             raise UpstreamConnectError(
@@ -165,6 +191,15 @@ class Endpoint:
             return
         conn.idle_since = self.clock()
         self._idle.append(conn)
+
+    def use_tls(self, tls: ClientTls | None) -> None:
+        """Open connections with ``tls`` from now on; idle ones opened with other
+        settings (another CA, certificate or name, or none) are closed."""
+        if tls != self.tls:
+            self.tls = tls
+            for conn in self._idle[:]:
+                conn.abort()
+            self._idle.clear()
 
     def discard(self, conn: UpstreamConnection) -> None:
         if conn in self._idle:
@@ -392,6 +427,7 @@ class Upstreams:
         self._timers = timers
         self._balancers: dict[tuple[str, str], Balancer] = {}
         self._checker = HealthChecker()
+        self._tls = ClientContexts()
 
     def __repr__(self) -> str:
         return f"<Upstreams [{len(self._balancers)} versions]>"
@@ -401,6 +437,7 @@ class Upstreams:
         service has a health check: the checks run there)."""
         balancers: dict[tuple[str, str], Balancer] = {}
         checks: dict[Checked, HealthCheck] = {}
+        self._tls.follow(v.tls for s in config.services for v in s.versions if v.tls is not None)
         for service in config.services:
             for version in service.versions:
                 key = (service.name, version.name)
@@ -408,6 +445,8 @@ class Upstreams:
                     "/".join(key), self._clock, self._timers
                 )
                 balancer.configure(service, version)
+                for endpoint in balancer.endpoints:
+                    endpoint.use_tls(self._tls.get(version.tls, endpoint.address.host))
                 balancers[key] = balancer
                 if service.health_check is not None:
                     checks.update(dict.fromkeys(balancer.endpoints, service.health_check))

@@ -80,6 +80,14 @@ class BadUpstreamResponse(ProxyError):
     kind = "reset"
 
 
+class UpstreamTlsError(ProxyError):
+    """A TLS handshake with the upstream failed (its certificate not verified, no
+    common protocol, a client certificate it refused), or its TLS stream broke."""
+
+    status = 502
+    kind = "tls"
+
+
 class UpstreamOverflow(ProxyError):
     """Every endpoint left to try is at max_connections_per_endpoint."""
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from .config import Address, HealthCheck
+from .tls import ClientTls
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r\n]")
 
@@ -25,6 +26,9 @@ class Checked(Protocol):
 
     @property
     def address(self) -> Address: ...
+
+    @property
+    def tls(self) -> ClientTls | None: ...  # checks go over TLS to an HTTPS version
 
     def check_result(self, passed: bool, check: HealthCheck) -> None: ...
 
@@ -42,11 +46,20 @@ def status_passes(status_line: bytes) -> bool:
     return found is not None and 200 <= int(found.group(1)) < 400
 
 
-async def probe(address: Address, request: bytes, timeout: float) -> bool:
-    """One check over a new connection: True for a 2xx or 3xx answer in time."""
+async def probe(
+    address: Address, request: bytes, timeout: float, tls: ClientTls | None = None
+) -> bool:
+    """One check over a new connection (TLS with ``tls``): True for a 2xx or 3xx answer in time."""
+    if tls is not None and tls.context is None:
+        return False  # its TLS settings could not be loaded
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address.host, address.port)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    address.host, address.port, ssl=tls.context, server_hostname=tls.server_name
+                )
             try:
                 writer.write(request)
                 status_line = await reader.readline()
@@ -62,7 +75,8 @@ async def check_forever(target: Checked, check: HealthCheck) -> None:
     # Spread the first checks so that endpoints (and workers) do not go in lockstep.
     await asyncio.sleep(random.uniform(0, check.interval))
     while True:
-        target.check_result(await probe(target.address, request, check.timeout), check)
+        passed = await probe(target.address, request, check.timeout, target.tls)
+        target.check_result(passed, check)
         await asyncio.sleep(check.interval)
 
 

@@ -329,10 +329,17 @@ def verbatim_head(read: bytes, line_end: int) -> bytes:
     return read[: end + 2] if end > 0 else b""
 
 
-def forwarded_for_lines(client_ip: str) -> bytes:
+def forwarded_for_lines(client_ip: str, proto: bytes = b"http") -> bytes:
     """X-Forwarded-For and -Proto for a client that sent no X-Forwarded-For:
-    the same for every request of a connection, so built once per connection."""
-    return b"x-forwarded-for: " + client_ip.encode("latin-1") + b"\r\nx-forwarded-proto: http\r\n"
+    the same for every request of a connection, so built once per connection.
+    `proto` is the scheme the client used: b"https" on a TLS listener."""
+    return (
+        b"x-forwarded-for: "
+        + client_ip.encode("latin-1")
+        + b"\r\nx-forwarded-proto: "
+        + proto
+        + b"\r\n"
+    )
 
 
 def upstream_head(

@@ -29,6 +29,7 @@ from proxy.config import (
     HealthCheck,
     IPNetwork,
     Limits,
+    ListenerTls,
     OutlierDetection,
     Retries,
     Rule,
@@ -37,12 +38,14 @@ from proxy.config import (
     Split,
     StickyCookie,
     Timeouts,
+    UpstreamTls,
     Version,
     all_weights,
     split_problem,
     unknown_version,
     weight_problem,
 )
+from proxy.tls import TlsProblem, client_context, digest, read_file, server_context
 
 # A config file larger than this is refused before it is read: the YAML loader is pure Python
 # (seconds per megabyte), and a runaway file must not take the proxy's memory with it.
@@ -89,9 +92,12 @@ _TOP_KEYS = (
     "limits",
     "drain_timeout",
     "headers_with_underscores",
+    "tls",
     "services",
 )
-_CONTROL_KEYS = ("listen", "token_env", "token_file")
+_CONTROL_KEYS = ("listen", "token_env", "token_file", "tls")
+_LISTENER_TLS_KEYS = ("cert", "key")
+_UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
 _LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
 _SERVICE_KEYS = (
@@ -127,7 +133,7 @@ _OUTLIER_KEYS = (
 )
 _RETRY_KEYS = ("attempts",)
 _MATCH_KEYS = ("host", "path_prefix")
-_VERSION_KEYS = ("endpoints",)
+_VERSION_KEYS = ("endpoints", "tls")
 _SPLIT_KEYS = ("weights", "hash_on", "sticky_cookie", "salt")
 _STICKY_KEYS = ("name", "max_age")
 _HASH_KINDS = ("header", "cookie", "query", "client_ip")
@@ -269,6 +275,13 @@ def _is_loopback(host: str) -> bool:
         return False  # another host name: it may resolve to anything
 
 
+def _server_name(text: str) -> str:
+    """A version's tls.server_name: a host name (or an IP address) to send as SNI and verify."""
+    if not (_is_host(text) or _is_ipv6(text)):
+        raise ValueError(f"{text!r} is not a valid host name")
+    return text
+
+
 def _network(text: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text, strict=False)
@@ -325,6 +338,16 @@ def _line(node: Node) -> int:
 
 def _or(value: _T | None, default: _T) -> _T:
     return default if value is None else value
+
+
+def _value_of(node: Node, key: str) -> Node | None:
+    """The value of ``key`` in a mapping node (None if absent, null, or not a mapping)."""
+    if isinstance(node, MappingNode):
+        for key_node, value in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.value == key and value.tag != _NULL:
+                found: Node = value
+                return found
+    return None
 
 
 class _Reader:
@@ -577,6 +600,7 @@ class _Reader:
                 ),
                 _DEFAULTS.headers_with_underscores,
             ),
+            tls=self.listener_tls(fields.get("tls"), "tls"),
             source=self.source,
         )
 
@@ -633,6 +657,7 @@ class _Reader:
             token=token,
             token_env=token_env,
             token_file=token_file,
+            tls=self.listener_tls(fields.get("tls"), "control.tls"),
         )
 
     def control_listen(
@@ -673,6 +698,77 @@ class _Reader:
             self.error(path, node, f"{what}: the token must be printable ASCII without spaces")
             return None
         return token
+
+    # ----------------------------------------------------------------- TLS
+
+    def listener_tls(self, node: Node | None, path: str) -> ListenerTls | None:
+        """``tls: {cert, key}`` of a listener, checked by loading them as the listener will."""
+        fields = self.fields(node, path, _LISTENER_TLS_KEYS)
+        if node is None or fields is None:
+            return None
+        cert = self.tls_file(self.required(fields, "cert", path, node), f"{path}.cert")
+        key = self.tls_file(self.required(fields, "key", path, node), f"{path}.key")
+        if cert is None or key is None:
+            return None
+        tls = ListenerTls(cert[0], key[0], digest(cert[1], key[1]))
+        self.try_tls(lambda: server_context(tls), fields, path)
+        return tls
+
+    def upstream_tls(self, node: Node | None, path: str) -> UpstreamTls | None:
+        """A version's ``tls``: every key optional, ``{}`` verifies against the system's CAs."""
+        fields = self.fields(node, path, _UPSTREAM_TLS_KEYS)
+        if node is None or fields is None:
+            return None
+        if ("cert" in fields) != ("key" in fields):
+            given = "cert" if "cert" in fields else "key"
+            self.error(path, fields[given], "cert and key go together (a client certificate)")
+        verify = _or(self.boolean(fields.get("verify"), f"{path}.verify"), True)
+        if not verify and "ca" in fields:
+            self.error(f"{path}.verify", fields["verify"], "false ignores ca: remove one of them")
+        server_name = self.parsed(fields.get("server_name"), f"{path}.server_name", _server_name)
+        files = {
+            name: self.tls_file(fields[name], f"{path}.{name}")
+            for name in ("ca", "cert", "key")
+            if name in fields
+        }
+        if None in files.values():
+            return None
+        paths = {name: read[0] for name, read in files.items() if read is not None}
+        contents = [read[1] for read in files.values() if read is not None]
+        tls = UpstreamTls(
+            ca=paths.get("ca"),
+            server_name=server_name,
+            cert=paths.get("cert"),
+            key=paths.get("key"),
+            verify=verify,
+            digest=digest(*contents),
+        )
+        if files:  # `tls: {}` has nothing to check (the system's CAs take ~30 ms to load)
+            self.try_tls(lambda: client_context(tls), fields, path)
+        return tls
+
+    def tls_file(self, node: Node | None, path: str) -> tuple[str, bytes] | None:
+        """A certificate or key file's absolute path (relative ones from the config's
+        directory) and its bytes."""
+        name = self.text(node, path)
+        if name is None or node is None:
+            return None
+        if not name:
+            self.error(path, node, "must not be empty")
+            return None
+        file = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(name)))
+        try:
+            return file, read_file(file, path)
+        except TlsProblem as problem:
+            self.error(path, node, problem.message)
+            return None
+
+    def try_tls(self, build: Callable[[], object], fields: dict[str, Node], path: str) -> None:
+        """Build a context as the proxy will; a file that does not load is its key's error."""
+        try:
+            build()
+        except TlsProblem as problem:
+            self.error(f"{path}.{problem.field}", fields[problem.field], problem.message)
 
     # ----------------------------------------------------------------- services
 
@@ -821,7 +917,9 @@ class _Reader:
             if not _VERSION_NAME.fullmatch(name):
                 what = "version names may only contain A-Z, a-z, 0-9, '_', '.' and '-'"
                 self.error(version_path, key, f"{name!r}: {what}")
-            versions.append(Version(name, self.endpoints(value, version_path)))
+            tls_node = _value_of(value, "tls")  # its other errors are endpoints()'s to report
+            tls = self.upstream_tls(tls_node, f"{version_path}.tls")
+            versions.append(Version(name, self.endpoints(value, version_path), tls))
         return tuple(versions)
 
     def endpoints(self, node: Node, path: str) -> tuple[Address, ...]:

@@ -21,6 +21,7 @@ from . import control, dataplane
 from .config import Config, ConfigError
 from .metrics import EndpointHealth, Metrics
 from .state import LiveState
+from .tls import ServerCertificate
 from .workers import DataServer, Supervisor, reserve_port
 
 log = logging.getLogger("grayproxy")
@@ -70,9 +71,10 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
         state, plane.metrics, plane.endpoint_healthy, lambda: not plane.draining
     )
     log.info(
-        "data on http://%s, control on %s, data path %s",
+        "data on %s://%s, control on %s, data path %s",
+        "https" if data.certificate is not None else "http",
         listen_text(data.listener),
-        control_url(runner),
+        control_url(runner, state.snapshot.config.control.tls is not None),
         data_path_build(),
     )
     await until_stopped(state)
@@ -102,10 +104,11 @@ async def serve_supervised(config: Config, config_path: str | None, as_in_file: 
         refresh=supervisor.refresh,
     )
     log.info(
-        "data on http://%s (%d workers), control on %s, data path %s",
+        "data on %s://%s (%d workers), control on %s, data path %s",
+        "https" if config.tls is not None else "http",
         config.listen,
         config.workers,
-        control_url(runner),
+        control_url(runner, state.snapshot.config.control.tls is not None),
         data_path_build(),
     )
     await until_stopped(state)
@@ -131,8 +134,14 @@ async def start_control(
     )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    listen = state.snapshot.config.control.listen
-    await web.TCPSite(runner, listen.host, listen.port).start()
+    settings = state.snapshot.config.control
+    certificate = None
+    if settings.tls is not None:
+        serving = certificate = ServerCertificate(settings.tls, "control")
+        state.subscribe(lambda snapshot: serving.update(snapshot.config.control.tls))
+    ssl_context = certificate.context if certificate is not None else None
+    listen = settings.listen
+    await web.TCPSite(runner, listen.host, listen.port, ssl_context=ssl_context).start()
     return runner
 
 
@@ -182,6 +191,7 @@ def listen_text(server: asyncio.Server) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def control_url(runner: web.AppRunner) -> str:
+def control_url(runner: web.AppRunner, tls: bool = False) -> str:
     host, port = runner.addresses[0][:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

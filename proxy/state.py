@@ -42,7 +42,7 @@ from proxy.routing import Router
 
 log = logging.getLogger(__name__)
 
-STATIC_SETTINGS = ("listen", "workers", "control")
+STATIC_SETTINGS = ("listen", "workers", "control", "tls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +148,14 @@ class LiveState:
         running = self.snapshot.config
         started = self._static_in_file
         changed = [
-            name for name in STATIC_SETTINGS if getattr(loaded, name) != getattr(started, name)
+            name
+            for name in STATIC_SETTINGS
+            if _static_value(loaded, name) != _static_value(started, name)
         ]
         warnings = [f"{name}: changed in the file; a restart applies it" for name in changed]
         kept = {name: getattr(running, name) for name in STATIC_SETTINGS}
         config = replace(loaded, **kept)  # the services, and so the router, are the file's
+        config = _with_certificates(config, loaded)
         moved = [
             service
             for service in running.services
@@ -201,6 +204,28 @@ class LiveState:
                 # The swap is done; one failing subscriber must not hide it from the others.
                 log.exception("snapshot subscriber %r failed", callback)
         return snapshot
+
+
+def _static_value(config: Config, name: str) -> object:
+    """A static setting as a reload compares it: whether a listener speaks TLS
+    is static, which certificate it serves is not (see _with_certificates)."""
+    value = getattr(config, name)
+    if name == "tls":
+        return value is not None
+    if name == "control":
+        return replace(value, tls=None), value.tls is not None
+    return value
+
+
+def _with_certificates(config: Config, loaded: Config) -> Config:
+    """``config`` serving the certificates ``loaded`` names, on the listeners that
+    speak TLS in both: a reload re-reads them (rotation without a restart)."""
+    if config.tls is not None and loaded.tls is not None:
+        config = replace(config, tls=loaded.tls)
+    control = config.control
+    if control.tls is not None and loaded.control.tls is not None:
+        config = replace(config, control=replace(control, tls=loaded.control.tls))
+    return config
 
 
 def _all_to(names: list[str], chosen: str) -> dict[str, float]:

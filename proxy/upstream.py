@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .errors import BadUpstreamResponse, ProxyError, UpstreamReset
+from .errors import BadUpstreamResponse, ProxyError, UpstreamReset, UpstreamTlsError
 
 if TYPE_CHECKING:
     # The one receiver of response events, and the endpoint a connection goes
@@ -131,6 +132,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.tunnel_closed()
         elif self.sink is not None and self._in_body and self._close_delimited():
             self.sink.response_complete()  # the close is how such a body ends
+        elif self.sink is not None and isinstance(exc, ssl.SSLError):
+            # e.g. TLS 1.3: a server refuses the client certificate after the handshake
+            reason = str(exc.reason or exc).lower().replace("_", " ")
+            self._fail(UpstreamTlsError(f"TLS error from upstream: {reason}"))
         elif self.sink is not None:
             self._fail(UpstreamReset("upstream closed the connection before the response ended"))
 

@@ -48,6 +48,7 @@ from .dataplane import DataPlane
 from .metrics import Metrics, StatsDump
 from .routing import Router
 from .state import LiveState, Snapshot, loop_first
+from .tls import ServerCertificate
 
 log = logging.getLogger("grayproxy")
 
@@ -271,12 +272,19 @@ class DataServer:
     """A process's data plane and its listener, started together and drained together:
     each worker process's, or with `workers: 1` the one process's (server.serve_alone)."""
 
-    __slots__ = ("listener", "plane", "state")
+    __slots__ = ("certificate", "listener", "plane", "state")
 
-    def __init__(self, state: LiveState, plane: DataPlane, listener: asyncio.Server) -> None:
+    def __init__(
+        self,
+        state: LiveState,
+        plane: DataPlane,
+        listener: asyncio.Server,
+        certificate: ServerCertificate | None = None,
+    ) -> None:
         self.state = state
         self.plane = plane
         self.listener = listener
+        self.certificate = certificate  # with `tls:`: what the listener serves, re-read on reload
 
     def __repr__(self) -> str:
         plane = self.plane
@@ -285,14 +293,30 @@ class DataServer:
 
     @classmethod
     async def start(cls, state: LiveState, *, reuse_port: bool = False) -> DataServer:
-        """A new DataPlane (counting from zero) serving the config's listen address."""
+        """A new DataPlane (counting from zero) serving the config's listen address,
+        over TLS if the config has ``tls`` (its files re-read at each new snapshot)."""
         plane = DataPlane(state, Metrics())
         plane.start()
-        listen = state.snapshot.config.listen
+        config = state.snapshot.config
+        listen = config.listen
+        certificate = None
+        tls_options: dict[str, Any] = {}
+        if config.tls is not None:
+            serving = certificate = ServerCertificate(config.tls, "data")
+            # A client that never finishes its handshake is dropped like one that never
+            # sends its request head.
+            handshake_timeout = config.limits.header_read_timeout
+            tls_options = {"ssl": certificate.context, "ssl_handshake_timeout": handshake_timeout}
+            state.subscribe(lambda snapshot: serving.update(snapshot.config.tls))
         listener = await asyncio.get_running_loop().create_server(
-            plane.protocol_factory, listen.host, listen.port, backlog=BACKLOG, reuse_port=reuse_port
+            plane.protocol_factory,
+            listen.host,
+            listen.port,
+            backlog=BACKLOG,
+            reuse_port=reuse_port,
+            **tls_options,
         )
-        return cls(state, plane, listener)
+        return cls(state, plane, listener, certificate)
 
     async def drain(self) -> None:
         """Stop accepting; let open connections finish, up to the drain_timeout last

@@ -438,6 +438,7 @@ def test_the_checker_reports_every_verdict() -> None:
     class Target:
         def __init__(self, address: Address) -> None:
             self.address = address
+            self.tls = None
             self.verdicts: list[bool] = []
 
         def check_result(self, passed: bool, check: HealthCheck) -> None:
