@@ -9,6 +9,7 @@ connection (its peer port) and the client certificate they were shown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import http.client
@@ -39,6 +40,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.endpoints import Upstreams
+from proxy.loader import load_config
+from proxy.state import LiveState
+from proxy.tls import ClientTls
 
 from procs import ProxyProcess, free_port, http_get, is_listening, run_cli
 from servers import LoopThread
@@ -777,3 +783,109 @@ services:
         body = http_get(proxy.data_url + "/plain")[2]
         headers = {name.lower(): value for name, value in json.loads(body)["headers"]}
         assert headers["x-forwarded-proto"] == "http"
+
+
+# ---------------------------------------------------------------------------- reload rules
+
+
+def test_a_reload_rotates_certificates_but_cannot_turn_tls_on_or_off(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Which files a TLS listener serves is reloaded; whether it speaks TLS is static."""
+    install(pki.proxy, tmp_path)
+    live = f'{{cert: "{tmp_path / "live.crt"}", key: "{tmp_path / "live.key"}"}}'
+    services = 'services: [{name: web, versions: {a: {endpoints: ["127.0.0.1:9"]}}}]\n'
+    path = tmp_path / "grayproxy.yaml"
+
+    def write(data_tls: str | None, control_tls: str | None) -> None:
+        lines = [f"tls: {data_tls}\n"] if data_tls else []
+        if control_tls:
+            lines.append(f"control: {{tls: {control_tls}}}\n")
+        path.write_text("".join(lines) + services)
+
+    write(live, live)
+    state = LiveState(load_config(str(path)), str(path))
+    started = state.snapshot.config
+    assert started.tls is not None and started.control.tls is not None
+
+    install(pki.rotated, tmp_path)
+    snapshot = asyncio.run(state.reload())
+    assert snapshot.warnings == ()
+    assert snapshot.config.tls is not None and snapshot.config.tls != started.tls
+    assert snapshot.config.control.tls == snapshot.config.tls  # the same files, re-read
+
+    write(None, None)
+    snapshot = asyncio.run(state.reload())
+    assert snapshot.warnings == (
+        "control: changed in the file; a restart applies it",
+        "tls: changed in the file; a restart applies it",
+    )
+    assert snapshot.config.tls is not None and snapshot.config.control.tls is not None
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(services)
+    state = LiveState(load_config(str(plain)), str(plain))
+    plain.write_text(f"tls: {live}\n" + services)
+    snapshot = asyncio.run(state.reload())
+    assert snapshot.warnings == ("tls: changed in the file; a restart applies it",)
+    assert snapshot.config.tls is None
+
+
+def test_upstream_contexts_are_built_once_per_setting_and_again_for_new_files(
+    pki: Pki, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "upstream-ca.pem"
+    shutil.copyfile(pki.ca_file, ca_file)
+    path = tmp_path / "grayproxy.yaml"
+    path.write_text(
+        f"""\
+services:
+  - name: web
+    versions:
+      a: {{endpoints: ["127.0.0.1:9", "127.0.0.2:9"], tls: {{ca: "{ca_file}"}}}}
+      b: {{endpoints: ["127.0.0.1:9"], tls: {{ca: "{ca_file}", server_name: b.test}}}}
+"""
+    )
+
+    def contexts(config_path: Path) -> dict[tuple[str, str], ClientTls | None]:
+        upstreams.update(load_config(str(config_path)))
+        return {
+            (version, str(endpoint.address)): endpoint.tls
+            for version in ("a", "b")
+            for endpoint in upstreams.balancer("web", version).endpoints
+        }
+
+    upstreams = Upstreams()
+    first = contexts(path)
+    tls = [value for value in first.values() if value is not None]
+    assert len(tls) == 3 and len({id(value.context) for value in tls}) == 2
+    assert [value.server_name for value in tls] == ["127.0.0.1", "127.0.0.2", "b.test"]
+    # The same files again (a reload, a weight change): the same contexts.
+    assert contexts(path) == first
+    # A rotated CA file: new contexts.
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(ca_file))
+    rotated = contexts(path)
+    assert all(
+        new is not None and old is not None and new.context is not old.context
+        for new, old in zip(rotated.values(), first.values(), strict=True)
+    )
+    upstreams.close()
+
+
+def test_a_reload_with_the_right_ca_file_turns_502_into_200(
+    pki: Pki, loops_tls: LoopThread, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "upstream-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # not the CA of the upstream's certificate
+    with TlsUpstream(loops_tls, pki.upstream) as server:
+        versions = f"""\
+      stable: {{endpoints: ["{server.address}"], tls: {{ca: "{ca_file}"}}}}
+"""
+        check = "    outlier_detection: {consecutive_connect_failures: 0}\n"
+        with ProxyProcess(upstream_config(versions, check)) as proxy:
+            assert http_get(proxy.data_url + "/", timeout=10)[0] == 502
+            shutil.copyfile(pki.ca_file, ca_file)
+            assert http_get(proxy.data_url + "/", timeout=10)[0] == 502  # not re-read yet
+            assert reload(proxy)[0] == 200
+            assert http_get(proxy.data_url + "/", timeout=10)[0] == 200
