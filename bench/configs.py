@@ -18,6 +18,38 @@ HUGE = 1_000_000  # keepalive_requests: never close a benchmark connection on a 
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """The certificate both https targets serve (made at bench time by openssl_command)."""
+
+    cert: Path
+    key: Path
+
+
+def openssl_command(certificate: Certificate) -> list[str]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1, valid one day."""
+    return [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        str(certificate.key),
+        "-out",
+        str(certificate.cert),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
 class Upstreams:
     """The ports of the two upstream nginx servers (every port serves the same body)."""
 
@@ -46,8 +78,19 @@ http {{
 """
 
 
-def proxy_nginx_conf(workdir: Path, port: int, upstreams: Upstreams, workers: int) -> str:
-    """nginx as the reference proxy: the same rules and hashed 90/10 split as grayproxy."""
+def proxy_nginx_conf(
+    workdir: Path, port: int, upstreams: Upstreams, workers: int, tls: Certificate | None = None
+) -> str:
+    """nginx as the reference proxy: the same rules and hashed 90/10 split as grayproxy;
+    with `tls`, terminating TLS 1.2+ with that certificate (OpenSSL's default ciphers)."""
+    listen = f"listen 127.0.0.1:{port} reuseport;"
+    if tls is not None:
+        listen = (
+            f"listen 127.0.0.1:{port} ssl reuseport;\n"
+            f"        ssl_certificate {tls.cert};\n"
+            f"        ssl_certificate_key {tls.key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;"
+        )
     return f"""{_nginx_main(workdir, workers)}
 http {{
 {_nginx_http_common(workdir)}
@@ -79,7 +122,7 @@ http {{
         default $cookie_version;
     }}
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        {listen}
         location / {{
             proxy_pass http://$version;
             proxy_http_version 1.1;
@@ -177,13 +220,17 @@ class Shape:
 REALISTIC = Shape()
 
 
-def grayproxy_yaml(port: int, control_port: int, upstreams: Upstreams, shape: Shape) -> str:
-    """grayproxy's config: `shape.services` services, the last one being the one requested."""
+def grayproxy_yaml(
+    port: int, control_port: int, upstreams: Upstreams, shape: Shape, tls: Certificate | None = None
+) -> str:
+    """grayproxy's config: `shape.services` services, the last one being the one requested;
+    with `tls`, the listener serves that certificate."""
     services = "\n".join(
         _grayproxy_service(index, upstreams, shape) for index in range(1, shape.services + 1)
     )
+    listener_tls = "" if tls is None else f'tls: {{cert: "{tls.cert}", key: "{tls.key}"}}\n'
     return f"""listen: "127.0.0.1:{port}"
-drain_timeout: 2s
+{listener_tls}drain_timeout: 2s
 control:
   listen: "127.0.0.1:{control_port}"
 services:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import time
@@ -216,14 +217,23 @@ class _Probe:
         return statistics.median(self.samples) / 1e6
 
 
-def check_answers(port: int, host: str) -> str:
-    """One GET through a target; returns the body, raises if it is not a 200."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+def check_answers(port: int, host: str, tls: bool = False) -> str:
+    """One GET through a target (over TLS with `tls`, the run's own certificate not
+    verified); returns the body, raises if it is not a 200."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        sock = _unverified_tls().wrap_socket(raw) if tls else raw
         sock.sendall(probe_request(host, 1))
         status, _, body = ResponseReader(sock).read()
     if status != 200:
         raise ValueError(f"answers {status}: {body[:200]!r}")
     return body.decode(errors="replace").strip()
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 # --------------------------------------------------------------------------- upstream counters

@@ -71,14 +71,17 @@ def medians(target: Target) -> Row:
 
 
 def main_rows(targets: Iterable[Target]) -> list[Row]:
-    """The side-by-side table: each configuration's medians and its ratios to nginx and direct."""
-    rows = [medians(target) for target in targets if target.group == "main" and target.rounds]
+    """The side-by-side table: each configuration's medians and its ratios to nginx (nginx-https
+    for grayproxy-https: its target's reference) and direct."""
+    main = [target for target in targets if target.group == "main" and target.rounds]
+    rows = [medians(target) for target in main]
     by_name = {row["name"]: row for row in rows}
     nginx, direct = by_name.get("nginx", {}), by_name.get("direct", {})
-    for row in rows:
-        row["rps_vs_nginx"] = ratio(row["requests_per_s"], nginx.get("requests_per_s"))
+    for target, row in zip(main, rows, strict=True):
+        reference = by_name.get(target.reference, {})
+        row["rps_vs_nginx"] = ratio(row["requests_per_s"], reference.get("requests_per_s"))
         row["rps_vs_direct"] = ratio(row["requests_per_s"], direct.get("requests_per_s"))
-        row["cpu_vs_nginx"] = ratio(row["cpu_s_per_10k"], nginx.get("cpu_s_per_10k"))
+        row["cpu_vs_nginx"] = ratio(row["cpu_s_per_10k"], reference.get("cpu_s_per_10k"))
         row["added_ms"] = difference(row["probe_p50_ms"], direct.get("probe_p50_ms"))
     nginx_added = nginx.get("added_ms") if nginx else None
     for row in rows:
@@ -350,7 +353,9 @@ from /proc/stat (pinned mode); *of it interrupts* is the kernel's network work o
 which no process is charged for. Core 0 busier than the proxy plus interrupts means other
 processes shared it (flagged above). A proxy under ~90 % busy was not the bottleneck: if the
 client core is at 100 %, the load generator and upstreams were, and req/s understates the
-proxy (CPU per request still holds)."""
+proxy (CPU per request still holds). The *-https* rows terminate TLS (one certificate made
+for the run, keep-alive connections, plain HTTP upstream); grayproxy-https's × nginx is
+against nginx-https, and the probe (plain HTTP) leaves them out."""
 
 
 # --------------------------------------------------------------------------- files

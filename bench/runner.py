@@ -1,13 +1,16 @@
 """A bench run: start every target, then measure them interleaved, round after round.
 
 A target is something wrk can load: the upstream directly, a reference proxy, grayproxy with
-the realistic config, or grayproxy with one of the scaling-series configs. What cannot start,
-or stops answering, is recorded with the reason and left out; the others go on.
+the realistic config, or grayproxy with one of the scaling-series configs. The `-https` pair
+is nginx and grayproxy terminating TLS with one certificate made for the run (keep-alive
+connections, the same upstreams over plain HTTP); grayproxy's is compared with nginx's. What
+cannot start, or stops answering, is recorded with the reason and left out; the others go on.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import configs, load
-from bench.configs import Shape, Upstreams
+from bench.configs import Certificate, Shape, Upstreams
 from bench.procs import (
     CLIENT_CORE,
     PROXY_CORE,
@@ -48,7 +51,14 @@ class Settings:
     probe_rate: float = 500.0
     pinned: bool = True
     workers: int = 1
-    proxies: tuple[str, ...] = ("direct", "nginx", "haproxy", "grayproxy")
+    proxies: tuple[str, ...] = (
+        "direct",
+        "nginx",
+        "haproxy",
+        "grayproxy",
+        "nginx-https",
+        "grayproxy-https",
+    )
     series_services: tuple[int, ...] = (10, 100)
     series_endpoints: tuple[int, ...] = (10, 50)
     series_rules: tuple[int, ...] = (10, 50)
@@ -84,6 +94,8 @@ class Target:
     failures: list[str] = field(default_factory=list)
     peak_rss_mb: float | None = None
     alive: bool = True
+    tls: bool = False  # wrk and the checks speak HTTPS to it
+    reference: str = "nginx"  # the target its ratios to nginx are taken against
 
     @property
     def host_header(self) -> str:
@@ -115,7 +127,7 @@ def started(settings: Settings, say: Say) -> Iterator[Run]:
         for name, start in _target_starters(settings, run):
             try:
                 target = start(stack)
-                body = load.check_answers(target.port, target.host_header)
+                body = load.check_answers(target.port, target.host_header, tls=target.tls)
             except (StartError, OSError, ValueError) as exc:
                 run.unavailable[name] = str(exc)
                 say(f"  {name}: could not start: {exc}")
@@ -170,6 +182,8 @@ def _target_starters(settings: Settings, run: Run) -> Iterator[tuple[str, Starte
         "nginx": lambda stack: _start_nginx_proxy(run, stack),
         "haproxy": lambda stack: _start_haproxy(run, stack),
         "grayproxy": lambda stack: _start_grayproxy(run, "grayproxy", configs.REALISTIC, stack),
+        "nginx-https": lambda stack: _start_nginx_proxy(run, stack, _certificate(run)),
+        "grayproxy-https": lambda stack: _start_grayproxy_https(run, stack),
     }
     for name in settings.proxies:
         yield name, main[name]
@@ -212,14 +226,41 @@ def _series_starter(run: Run, name: str, series: str, shape: Shape) -> Starter:
     return start
 
 
-def _start_nginx_proxy(run: Run, stack: ExitStack) -> Target:
+def _start_nginx_proxy(run: Run, stack: ExitStack, tls: Certificate | None = None) -> Target:
     settings = run.settings
-    directory = _subdir(run.workdir, "nginx-proxy")
+    name = "nginx" if tls is None else "nginx-https"
+    directory = _subdir(run.workdir, f"{name}-proxy")
     (port,) = free_ports(1)
-    conf = configs.proxy_nginx_conf(directory, port, run.upstreams, settings.workers)
-    proc = _start_nginx("nginx", directory, conf, settings.proxy_core, stack)
+    conf = configs.proxy_nginx_conf(directory, port, run.upstreams, settings.workers, tls)
+    proc = _start_nginx(name, directory, conf, settings.proxy_core, stack)
     proc.wait_listening([port])
-    return Target("nginx", port, "main", proc=proc)
+    return Target(name, port, "main", proc=proc, tls=tls is not None, reference=name)
+
+
+def _start_grayproxy_https(run: Run, stack: ExitStack) -> Target:
+    tls = _certificate(run)
+    target = _start_grayproxy(run, "grayproxy-https", configs.REALISTIC, stack, tls)
+    target.tls, target.reference = True, "nginx-https"
+    return target
+
+
+def _certificate(run: Run) -> Certificate:
+    """The run's certificate for the https targets, made once (by openssl)."""
+    certificate = Certificate(run.workdir / "bench.crt", run.workdir / "bench.key")
+    if not certificate.cert.exists():
+        try:
+            done = subprocess.run(
+                configs.openssl_command(certificate),
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except OSError as exc:
+            raise StartError(f"openssl: {exc}") from None
+        if done.returncode != 0:
+            raise StartError(f"openssl could not make a certificate: {done.stderr[-300:]}")
+    return certificate
 
 
 def _start_haproxy(run: Run, stack: ExitStack) -> Target:
@@ -234,11 +275,13 @@ def _start_haproxy(run: Run, stack: ExitStack) -> Target:
     return Target("haproxy", port, "main", proc=proc)
 
 
-def _start_grayproxy(run: Run, name: str, shape: Shape, stack: ExitStack) -> Target:
+def _start_grayproxy(
+    run: Run, name: str, shape: Shape, stack: ExitStack, tls: Certificate | None = None
+) -> Target:
     directory = _subdir(run.workdir, name.replace(" ", "_").replace("/", "-"))
     port, control_port = free_ports(2)
     config_path = directory / "grayproxy.yaml"
-    config_path.write_text(configs.grayproxy_yaml(port, control_port, run.upstreams, shape))
+    config_path.write_text(configs.grayproxy_yaml(port, control_port, run.upstreams, shape, tls))
     command = [sys.executable, "-m", "proxy", "run", "-c", str(config_path)]
     if run.settings.workers > 1:
         command += ["--workers", str(run.settings.workers)]
@@ -291,8 +334,9 @@ def measure_round(run: Run, round_index: int, group: str, say: Say) -> None:
         target.rounds.append(metrics)
         measured.append(target)
         say(f"  {target.name:32} {_one_line(metrics)}")
-    if group == "main" and measured:
-        probe_round(run, round_index, measured, say)
+    probed = [target for target in measured if not target.tls]  # the probe speaks plain HTTP
+    if group == "main" and probed:
+        probe_round(run, round_index, probed, say)
 
 
 def probe_round(run: Run, round_index: int, targets: Sequence[Target], say: Say) -> None:
@@ -375,7 +419,7 @@ def _wrk(run: Run, target: Target, seconds: float) -> load.WrkResult:
     settings = run.settings
     assert target.script is not None
     command = load.wrk_command(
-        f"http://127.0.0.1:{target.port}/",
+        f"{'https' if target.tls else 'http'}://127.0.0.1:{target.port}/",
         target.script,
         connections=settings.connections,
         threads=settings.threads,

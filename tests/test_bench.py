@@ -347,3 +347,54 @@ def test_quick_and_flags_make_settings() -> None:
     assert cli.build_parser().parse_args(["--series-rules", "1,5"]).series_rules == (5,)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--proxies", "envoy"])
+
+
+# ---------------------------------------------------------------------------- the https pair
+
+OPENSSL = shutil.which("openssl")
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> configs.Certificate:
+    if OPENSSL is None:
+        pytest.skip("no openssl: the https pair cannot get its certificate")
+    made = configs.Certificate(tmp_path / "bench.crt", tmp_path / "bench.key")
+    subprocess.run(configs.openssl_command(made), capture_output=True, check=True)
+    return made
+
+
+def test_the_https_pair_serves_one_certificate(certificate: configs.Certificate) -> None:
+    config = parse_config(
+        configs.grayproxy_yaml(8080, 9901, UPSTREAMS, configs.REALISTIC, certificate)
+    )
+    assert config.tls is not None and config.tls.cert == str(certificate.cert)
+    nginx = configs.proxy_nginx_conf(Path("/tmp/x"), 8443, UPSTREAMS, 1, certificate)
+    assert "listen 127.0.0.1:8443 ssl reuseport;" in nginx
+    assert f"ssl_certificate {certificate.cert};" in nginx
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in nginx
+
+
+@pytest.mark.skipif(NGINX is None, reason="no nginx")
+def test_nginx_accepts_the_https_config(tmp_path: Path, certificate: configs.Certificate) -> None:
+    assert NGINX is not None
+    path = tmp_path / "https.conf"
+    path.write_text(configs.proxy_nginx_conf(tmp_path, 8443, UPSTREAMS, 1, certificate))
+    command = [NGINX, "-t", "-p", str(tmp_path), "-c", str(path), "-e", "stderr"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_grayproxy_https_is_compared_with_nginx_https() -> None:
+    targets = [
+        _target("nginx", **_figures(20_000, 0.5, 0.30)),
+        _target("grayproxy", **_figures(15_000, 0.65, 0.35)),
+        _target("nginx-https", **_figures(16_000, 0.6, 0.30)),
+        _target("grayproxy-https", **_figures(12_000, 0.9, 0.35)),
+    ]
+    targets[2].reference = "nginx-https"
+    targets[3].reference = "nginx-https"
+    rows = {row["name"]: row for row in report.main_rows(targets)}
+    assert rows["grayproxy"]["rps_vs_nginx"] == pytest.approx(0.75)
+    assert rows["grayproxy-https"]["rps_vs_nginx"] == pytest.approx(0.75)
+    assert rows["grayproxy-https"]["cpu_vs_nginx"] == pytest.approx(1.5)
+    assert rows["nginx-https"]["rps_vs_nginx"] == pytest.approx(1.0)
