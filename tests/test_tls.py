@@ -41,10 +41,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import UpstreamTls
 from proxy.endpoints import Upstreams
 from proxy.loader import load_config
 from proxy.state import LiveState
-from proxy.tls import ClientTls
+from proxy.tls import ClientTls, digest
 
 from procs import ProxyProcess, free_port, http_get, is_listening, run_cli
 from servers import LoopThread
@@ -889,3 +890,41 @@ def test_a_reload_with_the_right_ca_file_turns_502_into_200(
             assert http_get(proxy.data_url + "/", timeout=10)[0] == 502  # not re-read yet
             assert reload(proxy)[0] == 200
             assert http_get(proxy.data_url + "/", timeout=10)[0] == 200
+
+
+# ---------------------------------------------------------------------------- the example
+
+
+def test_the_tls_gateway_example_checks_with_its_files_in_place(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config/tls-gateway.yaml names files under tls/ beside it; with generated ones there
+    (the repository ships no keys) `grayproxy check` passes on it."""
+    monkeypatch.setenv("GRAYPROXY_TOKEN", TOKEN)
+    example = Path(__file__).resolve().parent.parent / "config" / "tls-gateway.yaml"
+    path = tmp_path / "tls-gateway.yaml"
+    shutil.copyfile(example, path)
+    files = tmp_path / "tls"
+    files.mkdir()
+    shutil.copyfile(pki.ca_file, files / "internal-ca.pem")
+    for name, leaf in (("gateway", pki.proxy), ("client", pki.client)):
+        shutil.copyfile(leaf.cert, files / f"{name}.crt")
+        shutil.copyfile(leaf.key, files / f"{name}.key")
+    result = run_cli("check", "-c", str(path), env={"GRAYPROXY_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    config = load_config(str(path))
+    assert config.tls is not None and config.tls.cert == str(files / "gateway.crt")
+    assert config.control.tls == config.tls
+    tls = {(s.name, v.name): v.tls for s in config.services for v in s.versions}
+    assert tls["shop", "canary"] == UpstreamTls(
+        ca=str(files / "internal-ca.pem"),
+        server_name="shop.internal",
+        digest=digest(pki.ca_file.read_bytes()),
+    )
+    assert tls["payments", "v1"] is not None and tls["payments", "v1"].key is not None
+    assert tls["www", "stable"] == UpstreamTls(digest=digest())  # the system's CAs
+    # Without the files, each is named with its line.
+    shutil.rmtree(files)
+    result = run_cli("check", "-c", str(path), env={"GRAYPROXY_TOKEN": TOKEN})
+    assert result.returncode == 2
+    assert "tls.cert: line" in result.stderr and "No such file or directory" in result.stderr
