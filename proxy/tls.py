@@ -5,9 +5,10 @@ listener is created with one, and an upstream connection is opened with its
 version's. Nothing here runs while a request is relayed.
 
 Listeners (``tls:`` beside ``listen``, ``control.tls``) speak TLS 1.2 or 1.3
-with ALPN ``http/1.1`` and Python's default cipher list for server contexts
-(ECDHE with AES-GCM or ChaCha20 for TLS 1.2, OpenSSL's TLS 1.3 suites; no
-RSA key exchange, no CBC-SHA1, no compression). An asyncio server keeps the
+with ALPN ``http/1.1``. TLS 1.2 ciphers are set explicitly (SERVER_CIPHERS):
+Python's default list is the build's choice, and Debian's Python uses
+OpenSSL's DEFAULT, with static RSA key exchange and CBC-SHA1 suites. TLS 1.3
+uses OpenSSL's suites; compression is off. An asyncio server keeps the
 SSLContext it was created with, so rotation goes through that context's
 SNI callback: it runs at every ClientHello (with or without SNI) and moves
 the new connection to the context holding the newest certificate
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ALPN = ["http/1.1"]
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+# TLS 1.2 on the listeners: forward secrecy and AEAD only, as Mozilla's "intermediate"
+# profile (without its DHE suites: no DH parameters are loaded).
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # A CA bundle of every public root is about 200 KiB; a file larger than this is a mistake.
 MAX_PEM_BYTES = 4 * 1024 * 1024
 
@@ -82,6 +86,7 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     """A listener's context: TLS 1.2+, ALPN http/1.1, the certificate chain and its key."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
+    context.set_ciphers(SERVER_CIPHERS)
     context.set_alpn_protocols(ALPN)
     _load_pair(context, tls.cert, tls.key)
     return context

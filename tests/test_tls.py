@@ -407,6 +407,28 @@ def test_tls_1_1_is_refused(pki: Pki, https_proxy: ProxyProcess) -> None:
         handshake(ssl.TLSVersion.TLSv1_1)
 
 
+def test_tls_1_2_takes_only_forward_secret_aead_ciphers(
+    pki: Pki, https_proxy: ProxyProcess
+) -> None:
+    def handshake(ciphers: str) -> str:
+        context = pki.client_context()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(ciphers)
+        with (
+            socket.create_connection(("127.0.0.1", https_proxy.data_port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            cipher = tls.cipher()
+            assert cipher is not None
+            return cipher[0]
+
+    assert handshake("ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert handshake("ECDHE-ECDSA-CHACHA20-POLY1305") == "ECDHE-ECDSA-CHACHA20-POLY1305"
+    for legacy in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"):  # CBC
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            handshake(legacy)
+
+
 def test_plain_http_on_the_tls_port_gets_no_http_response(
     pki: Pki, https_proxy: ProxyProcess, plain_upstream: Any
 ) -> None:
