@@ -308,8 +308,9 @@ class DataServer:
             handshake_timeout = config.limits.header_read_timeout
             tls_options = {"ssl": certificate.context, "ssl_handshake_timeout": handshake_timeout}
             state.subscribe(lambda snapshot: serving.update(snapshot.config.tls))
+        factory = plane.tls_protocol_factory if certificate is not None else plane.protocol_factory
         listener = await asyncio.get_running_loop().create_server(
-            plane.protocol_factory,
+            factory,
             listen.host,
             listen.port,
             backlog=BACKLOG,

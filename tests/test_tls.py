@@ -360,6 +360,29 @@ def test_https_from_python_with_alpn_and_forwarded_proto(
     assert headers["x-forwarded-for"] == "127.0.0.1"
 
 
+def test_https_streams_both_framings_and_keeps_alive(pki: Pki, https_proxy: ProxyProcess) -> None:
+    """Every piece an upstream read gives goes out in one TLS write (TlsClientConnection):
+    a chunked response, a 5 MB one and a HEAD, one after another on one connection."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", https_proxy.data_port, context=pki.client_context(), timeout=10
+    )
+    try:
+        connection.request("GET", "/chunked")
+        response = connection.getresponse()
+        assert response.getheader("transfer-encoding") == "chunked"
+        assert response.read() == b"one,two,three"
+        sock = connection.sock
+        connection.request("GET", "/bytes/5000000")
+        response = connection.getresponse()
+        assert response.read() == b"x" * 5_000_000
+        connection.request("HEAD", "/bytes/10")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b""
+        assert connection.sock is sock  # one kept-alive TLS connection throughout
+    finally:
+        connection.close()
+
+
 def test_https_from_curl_with_cacert(pki: Pki, https_proxy: ProxyProcess) -> None:
     curl = shutil.which("curl")
     if curl is None:
@@ -787,9 +810,13 @@ def test_health_checks_go_over_tls(pki: Pki, loops_tls: LoopThread) -> None:
                 versions = json.loads(body)["versions"]
                 return {name: v["endpoints"][0]["healthy"] for name, v in versions.items()}
 
+            def checked() -> list[dict[str, Any]]:  # the server speaks only TLS
+                return [r for r in server.received if r["path"] == "/healthz"]
+
             wait_for(lambda: verdicts() == {"good": True, "bad": False}, what="health verdicts")
-            checks = [r for r in server.received if r["path"] == "/healthz"]
-            assert checks and checks[0]["headers"]["user-agent"] == "grayproxy-health-check"
+            wait_for(lambda: len(checked()) >= 2, what="checks of the good endpoint")
+            assert checked()[0]["headers"]["user-agent"] == "grayproxy-health-check"
+            assert verdicts() == {"good": True, "bad": False}
 
 
 def test_a_plain_listener_still_says_http(plain_upstream: Any) -> None:
