@@ -12,6 +12,7 @@ difference divided by the extra requests: the startup cost cancels out.
         # (cd /tmp/base && /path/to/.venv/bin/python setup.py -q build_ext --inplace)
     python -m bench.instructions --functions 20        # and where they go, per compiled function
     python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
+    python -m bench.instructions --tls                 # HTTPS at the listener (openssl's cert)
 
 It sends what `make bench` sends (wrk's request head, the realistic config,
 nginx's response head). Counts are user-space instructions of the proxy process
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.configs import USER_AGENT, Shape, Upstreams, grayproxy_yaml
+from bench.configs import USER_AGENT, Certificate, Shape, Upstreams, grayproxy_yaml, openssl_command
 from bench.procs import free_ports, is_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,14 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rules", type=int, default=0, help="unmatched rules (0: the four realistic ones)"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="the listener speaks TLS (a certificate by openssl)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
     shape = Shape(args.services, args.endpoints, args.rules, gateway=args.services > 1)
     ports = start_upstreams(args.endpoints)
-    few, few_functions = instructions(args.source, ports, shape, 200)
-    many, many_functions = instructions(args.source, ports, shape, 200 + args.requests)
+    with tempfile.TemporaryDirectory(prefix="grayproxy-instr-tls-") as tmp:
+        tls = None
+        if args.tls:
+            tls = Certificate(Path(tmp) / "bench.crt", Path(tmp) / "bench.key")
+            subprocess.run(openssl_command(tls), capture_output=True, check=True)
+        few, few_functions = instructions(args.source, ports, shape, 200, tls)
+        many, many_functions = instructions(args.source, ports, shape, 200 + args.requests, tls)
     per_request = (many - few) / args.requests
     print(f"{args.source}: {per_request:,.0f} instructions per request")
     costs = {
@@ -115,15 +125,19 @@ def start_upstreams(count: int) -> tuple[int, ...]:
 
 
 def instructions(
-    source: Path, ports: tuple[int, ...], shape: Shape, requests: int
+    source: Path,
+    ports: tuple[int, ...],
+    shape: Shape,
+    requests: int,
+    tls: Certificate | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """Total instructions of one proxy run that served `requests` requests, and
-    those of each compiled function, callees included."""
+    """Total instructions of one proxy run that served `requests` requests (over TLS
+    with `tls`), and those of each compiled function, callees included."""
     data, control = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
         upstreams = Upstreams(stable=ports, canary=ports)
-        config.write_text(grayproxy_yaml(data, control, upstreams, shape))
+        config.write_text(grayproxy_yaml(data, control, upstreams, shape, tls))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",
@@ -151,15 +165,20 @@ def instructions(
                 if time.monotonic() > deadline or proxy.poll() is not None:
                     raise RuntimeError("grayproxy did not start under valgrind")
                 time.sleep(0.2)
-            send_requests(data, shape.host or "127.0.0.1", requests)
+            send_requests(data, shape.host or "127.0.0.1", requests, tls is not None)
         finally:
             proxy.terminate()
             proxy.wait(120)
         return read_total(out.read_text(errors="replace")), compiled_functions(out)
 
 
-def send_requests(port: int, host: str, count: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+def send_requests(port: int, host: str, count: int, tls: bool = False) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        sock = raw
+        if tls:  # the run's own certificate: nothing to verify
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            sock = context.wrap_socket(raw)
         for user in range(count):
             sock.sendall(REQUEST.format(host=host, agent=USER_AGENT, user=user).encode())
             received = b""
