@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import UpstreamTls
+from proxy.config import ConfigError, UpstreamTls
 from proxy.endpoints import Upstreams
-from proxy.loader import load_config
+from proxy.loader import load_config, parse_config
 from proxy.state import LiveState
 from proxy.tls import ClientTls, digest
 
@@ -977,3 +977,28 @@ def test_the_tls_gateway_example_checks_with_its_files_in_place(
     result = run_cli("check", "-c", str(path), env={"GRAYPROXY_TOKEN": TOKEN})
     assert result.returncode == 2
     assert "tls.cert: line" in result.stderr and "No such file or directory" in result.stderr
+
+
+def test_an_encrypted_or_broken_key_is_refused_without_a_prompt(pki: Pki, tmp_path: Path) -> None:
+    key = serialization.load_pem_private_key(pki.proxy.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    broken = tmp_path / "broken.key"
+    broken.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    services = 'services: [{name: web, versions: {a: {endpoints: ["127.0.0.1:9"]}}}]\n'
+    with pytest.raises(ConfigError) as refused:
+        parse_config(
+            f'tls: {{cert: "{pki.proxy.cert}", key: "{encrypted}"}}\n'
+            f'control: {{tls: {{cert: "{pki.proxy.cert}", key: "{broken}"}}}}\n' + services
+        )
+    assert refused.value.errors == [
+        f"tls.key: line 1: {encrypted} is encrypted; give the key unencrypted "
+        "(openssl pkey -in KEY)",
+        f"control.tls.key: line 2: {broken}: no PEM private key found",
+    ]
