@@ -48,7 +48,7 @@ from proxy.state import LiveState
 from proxy.tls import ClientTls, digest
 
 from procs import ProxyProcess, free_port, http_get, is_listening, run_cli
-from servers import LoopThread
+from servers import LoopThread, Upstream
 
 TOKEN = "tls-test-token"
 
@@ -324,16 +324,14 @@ def wait_for(condition: Any, timeout: float = 10.0, what: str = "condition") -> 
 
 
 @pytest.fixture(scope="module")
-def plain_upstream(loops_tls: LoopThread) -> Iterator[Any]:
-    from servers import Upstream
-
+def plain_upstream(loops_tls: LoopThread) -> Iterator[Upstream]:
     server = Upstream(loops_tls, "stable").start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def https_proxy(pki: Pki, plain_upstream: Any) -> Iterator[ProxyProcess]:
+def https_proxy(pki: Pki, plain_upstream: Upstream) -> Iterator[ProxyProcess]:
     with ProxyProcess(listener_config(pki, plain_upstream.address)) as proxy:
         yield proxy
 
@@ -453,7 +451,7 @@ def test_tls_1_2_takes_only_forward_secret_aead_ciphers(
 
 
 def test_plain_http_on_the_tls_port_gets_no_http_response(
-    pki: Pki, https_proxy: ProxyProcess, plain_upstream: Any
+    pki: Pki, https_proxy: ProxyProcess, plain_upstream: Upstream
 ) -> None:
     before = len(plain_upstream.received)
     with socket.create_connection(("127.0.0.1", https_proxy.data_port), timeout=10) as sock:
@@ -556,7 +554,7 @@ def install(leaf: Leaf, directory: Path) -> None:
 
 
 def test_reload_rotates_the_certificate_and_kept_alive_connections_go_on(
-    pki: Pki, plain_upstream: Any, tmp_path: Path
+    pki: Pki, plain_upstream: Upstream, tmp_path: Path
 ) -> None:
     install(pki.proxy, tmp_path)
     context = pki.client_context()
@@ -595,7 +593,7 @@ def test_reload_rotates_the_certificate_and_kept_alive_connections_go_on(
 
 
 def test_sighup_rotates_the_certificate_of_every_worker(
-    pki: Pki, plain_upstream: Any, tmp_path: Path
+    pki: Pki, plain_upstream: Upstream, tmp_path: Path
 ) -> None:
     install(pki.proxy, tmp_path)
     context = pki.client_context()
@@ -615,7 +613,7 @@ def test_sighup_rotates_the_certificate_of_every_worker(
 # ---------------------------------------------------------------------------- control.tls
 
 
-def test_control_api_over_https(pki: Pki, plain_upstream: Any) -> None:
+def test_control_api_over_https(pki: Pki, plain_upstream: Upstream) -> None:
     config = f"""\
 listen: "127.0.0.1:${{data_port}}"
 control:
@@ -819,7 +817,7 @@ def test_health_checks_go_over_tls(pki: Pki, loops_tls: LoopThread) -> None:
             assert verdicts() == {"good": True, "bad": False}
 
 
-def test_a_plain_listener_still_says_http(plain_upstream: Any) -> None:
+def test_a_plain_listener_still_says_http(plain_upstream: Upstream) -> None:
     config = f"""\
 listen: "127.0.0.1:${{data_port}}"
 control: {{listen: "127.0.0.1:${{control_port}}"}}
