@@ -21,6 +21,10 @@ MAX_WEIGHT = 1_000_000
 # headers_with_underscores_action, nginx's underscores_in_headers): drop the header,
 # reject the request with 400, or pass it on.
 HEADERS_WITH_UNDERSCORES = ("drop", "reject", "allow")
+# What a control-API token may do: "admin" reads and changes, "read" only reads (GET).
+TOKEN_ROLES = ("admin", "read")
+# The actors of changes no token makes (docs/change-safety.md): no token may take these names.
+RESERVED_ACTORS = ("release", "file", "signal")
 
 
 class ConfigError(Exception):
@@ -157,6 +161,18 @@ class Service:
     health_check: HealthCheck | None = None  # None: no active checks
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
+    # A digest of the service's part of the config file as written (loader.node_digest);
+    # kept through runtime weight changes, so a state file can tell whether the file changed it.
+    source_digest: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A named control-API bearer token; ``name`` is the actor of the changes it makes."""
+
+    name: str
+    secret: str = field(repr=False)
+    role: str = "admin"  # one of TOKEN_ROLES
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +181,8 @@ class Control:
     token: str | None = None  # resolved at load from token_env / token_file
     token_env: str | None = None
     token_file: str | None = None
+    # Every accepted token: control.tokens, or token_env / token_file as one admin named "admin".
+    tokens: tuple[Token, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +195,7 @@ class Config:
     limits: Limits = Limits()
     drain_timeout: float = 30.0
     headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
+    state_file: str | None = None  # absolute path; runtime state kept across restarts
     source: str = field(default="<string>", compare=False)
 
 

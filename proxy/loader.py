@@ -6,6 +6,7 @@ line: ``services[0].split.weights.canary: line 14: must not be negative``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -20,6 +21,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from proxy.config import (
     HEADERS_WITH_UNDERSCORES,
     LOAD_BALANCING,
+    RESERVED_ACTORS,
+    TOKEN_ROLES,
     Address,
     Config,
     ConfigError,
@@ -37,6 +40,7 @@ from proxy.config import (
     Split,
     StickyCookie,
     Timeouts,
+    Token,
     Version,
     all_weights,
     split_problem,
@@ -69,6 +73,7 @@ _SCALARS = yaml.constructor.SafeConstructor()
 
 _SERVICE_NAME = re.compile(r"[a-z0-9-]+")
 _VERSION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header names, methods
 _BEARER = re.compile(r"[\x21-\x7e]+")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -89,9 +94,11 @@ _TOP_KEYS = (
     "limits",
     "drain_timeout",
     "headers_with_underscores",
+    "state_file",
     "services",
 )
-_CONTROL_KEYS = ("listen", "token_env", "token_file")
+_CONTROL_KEYS = ("listen", "token_env", "token_file", "tokens")
+_TOKEN_KEYS = ("name", "token_env", "token_file", "role")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
 _LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
 _SERVICE_KEYS = (
@@ -293,6 +300,33 @@ def _parse(text: str, source: str, base_dir: str) -> Config:
     if reader.errors or config is None:
         raise ConfigError([message for _, message in sorted(reader.errors, key=lambda e: e[0])])
     return config
+
+
+def node_digest(node: Node) -> str:
+    """A digest of what a YAML node says: tags and values, not comments, quoting, flow or
+    block style, or the order of mapping keys. A node reached again through an alias is
+    digested once (an alias bomb costs its size in nodes, not its expansion)."""
+    seen: dict[int, bytes] = {}
+
+    def digest(node: Node) -> bytes:
+        known = seen.get(id(node))
+        if known is not None:
+            return known
+        hasher = hashlib.sha256(node.tag.encode("utf-8", "surrogatepass"))
+        if isinstance(node, ScalarNode):
+            hasher.update(b"s" + str(node.value).encode("utf-8", "surrogatepass"))
+        elif isinstance(node, SequenceNode):
+            hasher.update(b"q")
+            for item in node.value:
+                hasher.update(digest(item))
+        elif isinstance(node, MappingNode):
+            hasher.update(b"m")
+            for pair in sorted(digest(key) + digest(value) for key, value in node.value):
+                hasher.update(pair)
+        seen[id(node)] = result = hasher.digest()
+        return result
+
+    return digest(node).hex()
 
 
 def _syntax_error(source: str, text: str, err: yaml.YAMLError) -> str:
@@ -577,8 +611,30 @@ class _Reader:
                 ),
                 _DEFAULTS.headers_with_underscores,
             ),
+            state_file=self.state_file(fields.get("state_file")),
             source=self.source,
         )
+
+    def state_file(self, node: Node | None) -> str | None:
+        """The state file's absolute path (a relative one is next to the config file); its
+        directory must exist: the file itself is written at the first change."""
+        name = self.text(node, "state_file")
+        if name is None or node is None:
+            return None
+        if not name:
+            self.error("state_file", node, "must not be empty")
+            return None
+        path = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(name)))
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            self.error("state_file", node, f"the directory {directory} does not exist")
+        elif os.path.isdir(path):
+            self.error("state_file", node, f"{path} is a directory")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            self.error("state_file", node, f"the directory {directory} is not writable")
+        else:
+            return path
+        return None
 
     def timeouts(self, node: Node | None, path: str, base: Timeouts) -> Timeouts:
         """Timeouts read over ``base``: keys left out keep the base value."""
@@ -618,6 +674,7 @@ class _Reader:
         listen = self.address(listen_node, "control.listen", ephemeral=True)
         token_env = self.text(fields.get("token_env"), "control.token_env")
         token_file = self.text(fields.get("token_file"), "control.token_file")
+        tokens_node = fields.get("tokens")
         token = None
         if token_env is not None and token_file is not None:
             self.error("control", fields["token_file"], "set token_env or token_file, not both")
@@ -625,15 +682,84 @@ class _Reader:
             token = self.env_token(token_env, fields["token_env"])
         elif token_file is not None:
             token = self.file_token(token_file, fields["token_file"])
+        if tokens_node is not None and (token_env is not None or token_file is not None):
+            both = "set tokens, or token_env / token_file (one admin token), not both"
+            self.error("control.tokens", tokens_node, both)
         if listen is not None and listen_node is not None:
-            tokenless = token_env is None and token_file is None
+            tokenless = token_env is None and token_file is None and tokens_node is None
             self.control_listen(listen, listen_node, data_listen, tokenless)
+        if tokens_node is not None:
+            tokens = self.named_tokens(tokens_node)
+        else:
+            tokens = (Token("admin", token, "admin"),) if token is not None else ()
         return Control(
             listen=_or(listen, _DEFAULTS.control.listen),
             token=token,
             token_env=token_env,
             token_file=token_file,
+            tokens=tokens,
         )
+
+    def named_tokens(self, node: Node) -> tuple[Token, ...]:
+        """control.tokens: names and secrets unique, each with a role."""
+        items = self.items(node, "control.tokens")
+        if items is None:
+            return ()
+        if not items:
+            self.error("control.tokens", node, "at least one token is required")
+        tokens: list[Token] = []
+        first_name: dict[str, int] = {}
+        first_secret: dict[str, str] = {}  # secret -> the path of the first token holding it
+        for item, path in items:
+            token = self.named_token(item, path, first_name)
+            if token is None:
+                continue
+            if token.secret in first_secret:
+                same = f"the same secret as {first_secret[token.secret]}; every token must differ"
+                self.error(path, item, same)
+                continue
+            first_secret[token.secret] = path
+            tokens.append(token)
+        return tuple(tokens)
+
+    def named_token(self, node: Node, path: str, first_name: dict[str, int]) -> Token | None:
+        fields = self.fields(node, path, _TOKEN_KEYS)
+        if fields is None:
+            return None
+        name_node = self.required(fields, "name", path, node)
+        what = "token names may only contain A-Z, a-z, 0-9, '_', '.' and '-'"
+        name = self.pattern(name_node, f"{path}.name", _TOKEN_NAME, what)
+        if name is not None and name_node is not None:
+            if name in RESERVED_ACTORS:
+                reserved = f"{name!r} is reserved (the actor of changes no token makes)"
+                self.error(f"{path}.name", name_node, reserved)
+                name = None
+            elif name in first_name:
+                first = f"first at line {first_name[name]}"
+                self.error(f"{path}.name", name_node, f"duplicate token name {name!r} ({first})")
+                name = None
+            else:
+                first_name[name] = _line(name_node)
+        role = self.choice(self.required(fields, "role", path, node), f"{path}.role", TOKEN_ROLES)
+        secret = self.token_secret(fields, path, node)
+        if name is None or role is None or secret is None:
+            return None
+        return Token(name, secret, role)
+
+    def token_secret(self, fields: dict[str, Node], path: str, node: Node) -> str | None:
+        """One named token's secret, from exactly one of its token_env or token_file."""
+        env_node, file_node = fields.get("token_env"), fields.get("token_file")
+        if env_node is not None and file_node is not None:
+            self.error(path, file_node, "set token_env or token_file, not both")
+            return None
+        if env_node is not None:
+            env = self.text(env_node, f"{path}.token_env")
+            return None if env is None else self.env_token(env, env_node, f"{path}.token_env")
+        if file_node is not None:
+            file = self.text(file_node, f"{path}.token_file")
+            return None if file is None else self.file_token(file, file_node, f"{path}.token_file")
+        self.error(path, node, "needs token_env or token_file")
+        return None
 
     def control_listen(
         self, listen: Address, node: Node, data_listen: Address, tokenless: bool
@@ -644,25 +770,25 @@ class _Reader:
         if listen.port and listen == data_listen:
             self.error("control.listen", node, f"{listen} is also the data-plane listen")
 
-    def env_token(self, name: str, node: Node) -> str | None:
+    def env_token(self, name: str, node: Node, where: str = "control.token_env") -> str | None:
         what = f"environment variable {name}"
         if name not in os.environ:
-            self.error("control.token_env", node, f"{what} is not set")
+            self.error(where, node, f"{what} is not set")
             return None
-        return self.bearer_token(os.environ[name], what, "control.token_env", node)
+        return self.bearer_token(os.environ[name], what, where, node)
 
-    def file_token(self, name: str, node: Node) -> str | None:
+    def file_token(self, name: str, node: Node, where: str = "control.token_file") -> str | None:
         path = os.path.join(self.base_dir, os.path.expanduser(name))
         try:
             with open(path, encoding="utf-8") as file:
                 text = file.read()
         except OSError as err:
-            self.error("control.token_file", node, f"cannot read {path}: {err.strerror or err}")
+            self.error(where, node, f"cannot read {path}: {err.strerror or err}")
             return None
         except UnicodeDecodeError:
-            self.error("control.token_file", node, f"cannot read {path}: not UTF-8 text")
+            self.error(where, node, f"cannot read {path}: not UTF-8 text")
             return None
-        return self.bearer_token(text, f"token file {path}", "control.token_file", node)
+        return self.bearer_token(text, f"token file {path}", where, node)
 
     def bearer_token(self, raw: str, what: str, path: str, node: Node) -> str | None:
         token = raw.strip()
@@ -735,6 +861,7 @@ class _Reader:
                 fields.get("outlier_detection"), f"{path}.outlier_detection"
             ),
             retries=self.retries(fields.get("retries"), f"{path}.retries"),
+            source_digest=node_digest(node),
         )
 
     def choice(self, node: Node | None, path: str, allowed: tuple[str, ...]) -> str | None:
