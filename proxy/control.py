@@ -234,7 +234,8 @@ def _precondition_failed(failed: PreconditionFailed) -> web.Response:
 
 def actor_of(request: web.Request) -> str:
     """Who makes the request's changes: its token's name (set by the auth middleware)."""
-    return request.get(ACTOR, DEFAULT_ACTOR)
+    actor: str = request.get(ACTOR, DEFAULT_ACTOR)
+    return actor
 
 
 async def _json_body(request: web.Request) -> object:
