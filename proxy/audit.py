@@ -14,7 +14,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 log = logging.getLogger("grayproxy.audit")
@@ -33,6 +33,13 @@ class AuditRecord:
     service: str | None  # None for a change of the whole config (a reload)
     before: object  # JSON values, never mutated after the record is made
     after: object
+    # The record as one JSON line, made once: the log line, and the state file's entry (a
+    # state file of 1000 records is then joined, not encoded again, at every write).
+    line: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        line = json.dumps(self.to_json(), separators=(",", ":"))
+        object.__setattr__(self, "line", line)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -90,8 +97,7 @@ class AuditLog:
     def add(self, record: AuditRecord) -> None:
         """Keep ``record`` and log it as one JSON line."""
         self._records.append(record)
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s", json.dumps(record.to_json(), separators=(",", ":")))
+        log.info("%s", record.line)
 
     def restore(self, records: Iterable[AuditRecord]) -> None:
         """Put ``records`` (oldest first) before the ones kept; not logged again."""

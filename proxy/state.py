@@ -201,7 +201,7 @@ class LiveState:
             saved = statefile.read(path)
         except statefile.StateFileError as exc:
             log.error(
-                "state file %s: cannot be used (%s); starting from the config file's state",
+                "state file %s: cannot be used: %s; starting from the config file's state",
                 path,
                 exc,
             )

@@ -63,6 +63,7 @@ class SavedState:
 
 
 def encode(state: SavedState) -> bytes:
+    """One JSON object; the audit records' own lines are joined in, not encoded again."""
     document = {
         "format": FORMAT,
         "written": now_text(),
@@ -71,10 +72,11 @@ def encode(state: SavedState) -> bytes:
             name: {"digest": saved.digest, "weights": dict(saved.weights)}
             for name, saved in state.services.items()
         },
-        "audit": [record.to_json() for record in state.audit[-MAX_RECORDS:]],
         "sections": dict(state.sections),
     }
-    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
+    head = json.dumps(document, separators=(",", ":"))[:-1]  # without its closing brace
+    audit = ",".join(record.line for record in state.audit[-MAX_RECORDS:])
+    return f'{head},"audit":[{audit}]}}\n'.encode()
 
 
 def decode(data: bytes) -> SavedState:
