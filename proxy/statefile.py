@@ -269,9 +269,14 @@ class StateFileWriter:
 
     async def _run(self) -> None:
         while self._written < self._wanted:
-            state = self._content()
-            await asyncio.to_thread(self._write, state)
-            self._written = max(self._written, state.generation)
+            attempted = self._wanted
+            try:
+                state = self._content()
+                attempted = max(attempted, state.generation)
+                await asyncio.to_thread(self._write, state)
+            except Exception:
+                log.exception("state file %s: cannot write generation %d", self.path, attempted)
+            self._written = max(self._written, attempted)  # waiters go on, written or not
             self._wake()
 
     def _write(self, state: SavedState) -> None:
