@@ -662,6 +662,16 @@ control:
     assert parse_config(SERVICES).control.tokens == ()
 
 
+def test_the_team_example_has_an_admin_and_a_read_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.loader import load_config
+
+    monkeypatch.setenv("GRAYPROXY_TOKEN", "t-admin")
+    monkeypatch.setenv("GRAYPROXY_READ_TOKEN", "t-read")
+    example = Path(__file__).resolve().parent.parent / "config" / "team.yaml"
+    tokens = load_config(str(example)).control.tokens
+    assert [(t.name, t.role) for t in tokens] == [("ops", "admin"), ("grafana", "read")]
+
+
 def test_state_file_errors_are_listed_with_their_lines(tmp_path: Path) -> None:
     (tmp_path / "a-directory").mkdir()
     for value, problem in [

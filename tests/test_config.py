@@ -101,6 +101,7 @@ def only_service(text: str) -> Service:
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.name)
 def test_every_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAYPROXY_TOKEN", "example-token")  # gateway.yaml needs it
+    monkeypatch.setenv("GRAYPROXY_READ_TOKEN", "example-read-token")  # team.yaml's read token
     config = load_config(str(path))
     assert config.services
     assert config.source == str(path)
