@@ -23,6 +23,7 @@ survives ``kill -9``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -200,8 +201,9 @@ def _if_match(request: web.Request) -> Precondition | None:
     if header is None:
         return None
     condition = header.strip()
+    task = asyncio.current_task()
     if condition == "*":
-        return Precondition(condition, None)
+        return Precondition(condition, None, task=task)
     generations: set[int] = set()
     for part in condition.split(","):
         tag = part.strip()
@@ -214,7 +216,7 @@ def _if_match(request: web.Request) -> Precondition | None:
             raise InvalidRequest(f"malformed If-Match {header!r}", [expected])
         if tag.isascii() and tag.isdigit() and len(tag) <= _MAX_GENERATION_DIGITS:
             generations.add(int(tag))
-    return Precondition(condition, frozenset(generations))
+    return Precondition(condition, frozenset(generations), task=task)
 
 
 def _precondition_failed(failed: PreconditionFailed) -> web.Response:

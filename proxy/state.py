@@ -74,11 +74,14 @@ class Precondition:
     """An If-Match: the generations a change was based on (None: ``*``, any).
 
     The first change applied in its context checks it, and settles it: the other
-    changes of the same request (an abort, then weights) are part of that change."""
+    changes of the same request (an abort, then weights) are part of that change.
+    Only changes made by ``task`` (the request's own) are checked: a task the
+    handler starts inherits the context, and its later changes are not the request's."""
 
     condition: str  # as the client sent it, for the message
     generations: frozenset[int] | None
     settled: bool = False
+    task: object = None  # the asyncio task of the request; None: any
 
     def holds(self, generation: int) -> bool:
         return self.generations is None or generation in self.generations
@@ -93,6 +96,8 @@ def check_precondition(generation: int) -> None:
     for under an If-Match that does not hold; call with no await before the swap."""
     precondition = IF_MATCH.get()
     if precondition is None or precondition.settled:
+        return
+    if precondition.task is not None and precondition.task is not _current_task():
         return
     if not precondition.holds(generation):
         raise PreconditionFailed(precondition.condition, generation)
@@ -392,6 +397,13 @@ class LiveState:
                 # The swap is done; one failing subscriber must not hide it from the others.
                 log.exception("snapshot subscriber %r failed", callback)
         return snapshot
+
+
+def _current_task() -> object:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop running
+        return None
 
 
 def _weights_json(weights: Mapping[str, float]) -> dict[str, float | int]:

@@ -313,6 +313,24 @@ def test_a_precondition_guards_the_first_change_of_its_request_only(tmp_path: Pa
     assert state.snapshot.generation == 3
 
 
+def test_work_a_request_starts_in_the_background_is_not_held_to_its_if_match() -> None:
+    async def main() -> None:
+        state = LiveState(parse_config(plain()), None)
+        stale = Precondition('"5"', frozenset({5}), task=asyncio.current_task())
+        IF_MATCH.set(stale)
+
+        async def release_step() -> None:  # e.g. a release driver the request started
+            state.record("release-step", "web", {"step": 0}, {"step": 1}, "release")
+
+        await asyncio.get_running_loop().create_task(release_step())
+        assert state.snapshot.generation == 2
+        with pytest.raises(PreconditionFailed):
+            state.rollback("web", actor="ops")  # the request's own change is checked
+        assert state.snapshot.generation == 2
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------ tokens and roles
 
 
