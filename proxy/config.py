@@ -11,6 +11,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # release.py imports this module; a Service only holds the spec
+    from proxy.release import ReleaseSpec
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -157,6 +161,7 @@ class Service:
     health_check: HealthCheck | None = None  # None: no active checks
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
+    release: ReleaseSpec | None = None  # started when the proxy starts (docs/releases.md)
 
 
 @dataclass(frozen=True, slots=True)

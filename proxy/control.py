@@ -20,6 +20,8 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.config import ConfigError, FieldMatch, Rule, Service, Split
 from proxy.errors import ControlRefused, InvalidRequest
 from proxy.metrics import EndpointHealth, Metrics
+from proxy.release_api import add_release_api
+from proxy.releases import Releases
 from proxy.state import LiveState
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,13 @@ def create_app(
     endpoint_health: EndpointHealth,
     is_ready: Callable[[], bool],
     refresh: Callable[[], Awaitable[None]] | None = None,
+    releases: Releases | None = None,
 ) -> web.Application:
     """The control application; the caller runs it on ``control.listen``.
 
     ``refresh``, if given, is awaited before stats, health or metrics are read
-    (a supervisor gathers them from its workers then).
+    (a supervisor gathers them from its workers then). ``releases`` drives the
+    releases (proxy/releases.py; by default one on this state and metrics).
     """
     api = _ControlAPI(state, metrics, endpoint_health, is_ready, refresh)
     app = web.Application(middlewares=[_errors, _bearer_auth(state)])
@@ -56,6 +60,7 @@ def create_app(
             web.get("/metrics", api.metrics),
         ]
     )
+    add_release_api(app, releases or Releases(state, metrics, refresh=refresh))
     return app
 
 

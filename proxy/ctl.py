@@ -309,6 +309,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     reload = actions.add_parser("reload", parents=[json_flag], help="re-read the config file")
     reload.set_defaults(call=_reload)
 
+    from proxy import release_ctl  # it imports this module's client
+
+    release_ctl.add_parser(actions, json_flag)
+
 
 def run_ctl(args: argparse.Namespace) -> int:
     """Run one ctl action; 0 on success, 1 with the error on stderr."""

@@ -311,11 +311,12 @@ def _quantile_ms(cumulative: list[int], q: float) -> float:
 class Metrics:
     """All VersionStats of a worker, kept across reloads (counters never go backwards)."""
 
-    __slots__ = ("_clock", "_stats")
+    __slots__ = ("_clock", "_collectors", "_stats")
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        self._collectors: list[Collector] = []
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self._stats)} versions]>"
@@ -338,6 +339,10 @@ class Metrics:
     def clear(self) -> None:
         self._stats = {}
 
+    def add_collector(self, collector: Collector) -> None:
+        """Render ``collector``'s families with every scrape too (the releases' state)."""
+        self._collectors.append(collector)
+
     def render(self, snapshot: Snapshot, endpoint_health: EndpointHealth | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every version's counters,
         and of every endpoint's health if ``endpoint_health`` is given."""
@@ -346,6 +351,8 @@ class Metrics:
                 self.version(service.name, version.name)
         registry = CollectorRegistry()
         registry.register(_ScrapeCollector(self._stats, snapshot.config, endpoint_health))
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry)
 
 
