@@ -259,7 +259,10 @@ class Releases:
             try:
                 self._restore_one(name, saved)
             except (ConfigError, ControlRefused, KeyError, TypeError, ValueError) as exc:
-                why = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
+                if isinstance(exc, ConfigError):
+                    why = "; ".join(exc.errors)
+                else:
+                    why = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
                 skipped.append(f"release of service {name!r} not restored: {why}")
                 log.warning("%s", skipped[-1])
         return skipped

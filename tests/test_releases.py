@@ -22,6 +22,11 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.loader import parse_config
+from proxy.metrics import Metrics
+from proxy.releases import NoRelease, Releases
+from proxy.state import LiveState
+
 from procs import DIRECT, ProxyProcess, child_env, grayproxy_command, run_cli
 from servers import AppServer, LoopThread
 
@@ -663,3 +668,58 @@ def test_ctl_release_starts_watches_approves_and_aborts(
         assert watched.returncode == 1  # over, and not promoted
         missing = ctl("start", "web", "-f", str(tmp_path / "nope.yaml"))
         assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+# ---------------------------------------------------------------------------- in process: hooks
+
+
+IN_PROCESS = """
+services:
+  - name: web
+    versions:
+      stable: {endpoints: ["127.0.0.1:9"]}
+      canary: {endpoints: ["127.0.0.1:9"]}
+"""
+
+
+def test_dump_and_restore_carry_a_release_at_its_step_and_every_change_is_reported() -> None:
+    spec = {
+        "canary": "canary",
+        "steps": [{"weight": 10}, {"weight": 50, "approval": True}, {"weight": 100}],
+    }
+    heard: list[tuple[str, str | None, str, str]] = []
+
+    def on_transition(service: str, before: Any, after: Any, actor: str) -> None:
+        heard.append((service, before and before["state"], after["state"], actor))
+
+    async def scenario() -> None:
+        state = LiveState(parse_config(IN_PROCESS), None)
+        releases = Releases(state, Metrics(), on_transition=on_transition)
+        releases.start("web", spec, "ops")
+        assert releases.get("web")["state"] == "waiting"
+        saved = json.loads(json.dumps(releases.dump()))
+        await releases.close()
+
+        fresh = LiveState(parse_config(IN_PROCESS), None)  # the file's weights: stable 100
+        restored = Releases(fresh, Metrics(), on_transition=on_transition)
+        assert restored.restore(saved) == []
+        shown = restored.get("web")
+        assert (shown["state"], shown["step"], shown["weight"]) == ("waiting", 1, 50)
+        assert dict(fresh.service("web").split.weights) == {"stable": 50, "canary": 50}
+        assert restored.command("web", "approve", "ops")["state"] == "promoted"
+        await restored.close()
+
+        broken = {"web": {**saved["web"], "release": {"state": "progressing"}}}
+        other = Releases(LiveState(parse_config(IN_PROCESS), None), Metrics())
+        assert other.restore({"api": saved["web"], **broken}) == [
+            "release of service 'api' not restored: unknown service 'api'",
+            "release of service 'web' not restored: missing 'checks'",
+        ]
+        with pytest.raises(NoRelease):
+            other.get("web")
+
+    asyncio.run(scenario())
+    assert heard == [
+        ("web", None, "waiting", "ops"),
+        ("web", "waiting", "promoted", "ops"),
+    ]
