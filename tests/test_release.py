@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import event as event_note
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import weight_problem
+from proxy.config import ConfigError, weight_problem
+from proxy.loader import load_config, parse_config
 from proxy.release import (
     ABORTED,
     ACTIVE,
@@ -960,3 +962,68 @@ def test_any_run_keeps_the_invariants_and_a_helpful_world_always_ends_it(
         now += 61
         release = advance(release, spec, now, cooperate(release, spec, now)).release
     assert release.state in FINAL
+
+
+# ---------------------------------------------------------------------------- the examples
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+def test_the_release_examples_are_what_their_comments_say() -> None:
+    canary = load_config(str(CONFIG_DIR / "canary-release.yaml")).services[0].release
+    assert canary is not None
+    assert [(s.weight, s.approval) for s in canary.steps] == [
+        (5, False),
+        (25, False),
+        (50, True),
+        (100, False),
+    ]
+    assert canary.analysis is not None and canary.analysis.interval == 10
+    (blue_green,) = load_config(str(CONFIG_DIR / "blue-green-release.yaml")).services
+    assert blue_green.release is not None
+    assert blue_green.release.steps == (Step(100, 0, True),)
+    assert step_stages(blue_green.release, 0) == (APPROVAL, RUNNING)
+    (ab,) = load_config(str(CONFIG_DIR / "ab-release.yaml")).services
+    assert ab.release is not None and ab.rules
+    assert {rule.version for rule in ab.rules} == {ab.release.canary}
+    assert [s.weight for s in ab.release.steps] == [10, 50, 100]
+
+
+def test_a_release_in_the_file_is_refused_with_every_error_its_path_and_line() -> None:
+    text = """\
+services:
+  - name: web
+    versions:
+      stable: {endpoints: ["127.0.0.1:9001"]}
+      canary: {endpoints: ["127.0.0.1:9101"]}
+    release:
+      canary: canary
+      canary: stable
+      steps:
+        - {weight: 50, pause: 1m}
+        - weight: 40
+        - {weight: 120}
+      analysis:
+        interval: 0s
+        error_rate: {max_increase: 0.01}
+      webhooks:
+        - {phase: confirm-step, url: "127.0.0.1:9000/gate"}
+      extra: 1
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.errors == [
+        "services[0].release.canary: line 8: duplicate key (first at line 7)",
+        "services[0].release.steps[1].weight: line 11: must be above the previous step's (50):"
+        " steps only rise",
+        "services[0].release.steps[2].weight: line 12: must be at most 100 (percent)",
+        "services[0].release.analysis.interval: line 14: must be greater than zero",
+        "services[0].release.webhooks[0].url: line 17: '127.0.0.1:9000/gate': expected an"
+        " http:// or https:// URL with a host",
+        "services[0].release.extra: line 18: unknown key (expected: canary, steps, analysis,"
+        " webhooks)",
+    ]
+    # The baseline is the service's (its first version here): a release of it is refused.
+    with pytest.raises(ConfigError, match=r"release.canary: line 7: 'stable' is the service's"):
+        parse_config(text.replace("      canary: canary\n", ""))
