@@ -251,9 +251,11 @@ class Releases:
         }
 
     def restore(self, data: Mapping[str, Any]) -> list[str]:
-        """Take the releases of a ``dump`` back (before the proxy starts serving): active ones
-        go on at their step, with their weights. What no longer fits the config is skipped,
-        with a log line; returns those lines."""
+        """Take the releases of a ``dump`` back: active ones go on at their step, with their
+        weights (set again if the live ones differ). Call it on the event loop, before the
+        control app starts (releases from the config then start only where none was
+        restored). What no longer fits the config is skipped, with a log line; returns
+        those lines."""
         skipped = []
         for name, saved in data.items():
             try:
