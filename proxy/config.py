@@ -11,6 +11,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # release.py imports this module; a Service only holds the spec
+    from proxy.release import ReleaseSpec
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -161,6 +165,7 @@ class Service:
     health_check: HealthCheck | None = None  # None: no active checks
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
+    release: ReleaseSpec | None = None  # started when the proxy starts (docs/releases.md)
     # A digest of the service's part of the config file as written (loader.node_digest);
     # kept through runtime weight changes, so a state file can tell whether the file changed it.
     source_digest: str = field(default="", compare=False, repr=False)

@@ -36,6 +36,8 @@ from proxy.audit import parse_limit
 from proxy.config import ConfigError, Control, FieldMatch, Rule, Service, Split, Token
 from proxy.errors import ControlRefused, InvalidRequest
 from proxy.metrics import EndpointHealth, Metrics
+from proxy.release_api import add_release_api
+from proxy.releases import Releases
 from proxy.state import (
     DEFAULT_ACTOR,
     IF_MATCH,
@@ -60,11 +62,13 @@ def create_app(
     endpoint_health: EndpointHealth,
     is_ready: Callable[[], bool],
     refresh: Callable[[], Awaitable[None]] | None = None,
+    releases: Releases | None = None,
 ) -> web.Application:
     """The control application; the caller runs it on ``control.listen``.
 
     ``refresh``, if given, is awaited before stats, health or metrics are read
-    (a supervisor gathers them from its workers then).
+    (a supervisor gathers them from its workers then). ``releases`` drives the
+    releases (proxy/releases.py; by default one on this state and metrics).
     """
     api = _ControlAPI(state, metrics, endpoint_health, is_ready, refresh)
     app = web.Application(middlewares=[_errors, _bearer_auth(state), _versioned(state)])
@@ -82,6 +86,12 @@ def create_app(
             web.get("/metrics", api.metrics),
         ]
     )
+    releases = releases or Releases(state, metrics, refresh=refresh)
+    add_release_api(app, releases, actor_of)
+    state.add_persisted("releases", releases.dump)
+    saved = state.restored("releases")
+    if isinstance(saved, dict):
+        releases.restore(saved)  # before the app starts: a restored release is not restarted
     return app
 
 

@@ -402,6 +402,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--limit", type=_limit, default=20, help="how many (default 20, at most 1000)"
     )
     audit.set_defaults(call=_audit)
+    from proxy import release_ctl  # it imports this module's client
+
+    release_ctl.add_parser(actions, json_flag)
 
 
 def run_ctl(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from proxy.config import (
     unknown_version,
     weight_problem,
 )
+from proxy.release import InvalidRelease, ReleaseSpec, parse_release
 
 # A config file larger than this is refused before it is read: the YAML loader is pure Python
 # (seconds per megabyte), and a runaway file must not take the proxy's memory with it.
@@ -116,6 +117,7 @@ _SERVICE_KEYS = (
     "health_check",
     "outlier_detection",
     "retries",
+    "release",
 )
 _HEALTH_CHECK_KEYS = (
     "path",
@@ -355,6 +357,14 @@ def _kind(node: Node) -> str:
 
 def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+def _nearest_line(lines: dict[str, int], path: str) -> int:
+    """The line of ``path`` (``steps[1].weight``), or of the nearest path above it."""
+    while path not in lines and path:
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[: max(cut, 0)]
+    return lines.get(path, 0)
 
 
 def _or(value: _T | None, default: _T) -> _T:
@@ -834,11 +844,13 @@ class _Reader:
         names = [version.name for version in versions] if versions else None
         baseline = self.version_ref(fields.get("baseline"), f"{path}.baseline", names)
         version_header = self.boolean(fields.get("version_header"), f"{path}.version_header")
+        baseline = _or(baseline, names[0] if names else "")
+        release = self.release(fields.get("release"), f"{path}.release", names, baseline)
         return Service(
             name=_or(name, ""),
             versions=versions or (),
             split=self.split(fields.get("split"), f"{path}.split", names),
-            baseline=_or(baseline, names[0] if names else ""),
+            baseline=baseline,
             match=self.service_match(fields.get("match"), f"{path}.match"),
             fallback=self.fallback(fields.get("fallback"), f"{path}.fallback", names),
             timeouts=self.timeouts(fields.get("timeouts"), f"{path}.timeouts", timeouts),
@@ -862,7 +874,51 @@ class _Reader:
             ),
             retries=self.retries(fields.get("retries"), f"{path}.retries"),
             source_digest=node_digest(node),
+            release=release,
         )
+
+    def release(
+        self, node: Node | None, path: str, names: list[str] | None, baseline: str
+    ) -> ReleaseSpec | None:
+        """A service's release, validated by the engine's own validator (the API's too); each
+        problem gets the line of the node at its path, or of the nearest one above it."""
+        if node is None:
+            return None
+        lines: dict[str, int] = {}
+        raw = self.plain(node, "", path, lines)
+        try:
+            return parse_release(raw, names, baseline)
+        except InvalidRelease as exc:
+            for where, message in exc.problems:
+                line = _nearest_line(lines, where)
+                self.errors.append((line, f"{_join(path, where)}: line {line}: {message}"))
+            return None
+
+    def plain(self, node: Node, relative: str, path: str, lines: dict[str, int]) -> object:
+        """The node as plain data (what a JSON body would be), noting each path's line;
+        duplicate and merge keys are errors here, like everywhere in the file."""
+        lines[relative] = _line(node)
+        if isinstance(node, SequenceNode):
+            return [
+                self.plain(item, f"{relative}[{index}]", f"{path}[{index}]", lines)
+                for index, item in enumerate(node.value)
+            ]
+        if isinstance(node, MappingNode):
+            entries = self.entries(node, path) or {}
+            return {
+                key: self.plain(value, _join(relative, key), _join(path, key), lines)
+                for key, (_, value) in entries.items()
+            }
+        assert isinstance(node, ScalarNode)
+        if node.tag == _INT:
+            return self.int_value(node, path)
+        if node.tag == _FLOAT:
+            return _SCALARS.construct_yaml_float(node)
+        if node.tag == _BOOL:
+            return _SCALARS.construct_yaml_bool(node)
+        if node.tag == _NULL:
+            return None
+        return str(node.value)
 
     def choice(self, node: Node | None, path: str, allowed: tuple[str, ...]) -> str | None:
         text = self.text(node, path)

@@ -8,6 +8,12 @@ with a custom collector that reads those counters.
 Every raw counter is a plain int, list or dict, and the one-minute window is
 keyed by whole seconds of the system-wide monotonic clock, so counters of
 several worker processes on one host can be summed slot by slot.
+
+A release's checks need the requests that finished in exactly one interval
+(say 200 ms): they come from lifetime counters read twice, ``cumulative()``
+at the interval's start and end, and ``between`` the two readings. The
+latency histogram this needs (``latency_counts``, on the window's 5 % buckets)
+costs ``observe`` one list increment.
 """
 
 from __future__ import annotations
@@ -103,6 +109,34 @@ def duration_bucket(seconds: float, window: int) -> int:
     return _DURATION_BELOW[window] + (inside >= 0 and DURATION_BUCKETS[inside] < seconds)
 
 
+class Cumulative(NamedTuple):
+    """A version's lifetime counts at one moment: what ``between`` subtracts."""
+
+    requests: int
+    errors: int  # 5xx, upstream failures included (the client got 502/504)
+    latency_counts: tuple[int, ...]
+
+
+class IntervalStats(NamedTuple):
+    """The requests a version finished between two Cumulative readings."""
+
+    requests: int
+    errors: int
+    p99_ms: float  # 0.0 without requests
+
+
+def between(before: Cumulative, after: Cumulative) -> IntervalStats:
+    """What finished after ``before`` up to ``after`` (the same version, read twice). A
+    count that went down (the reader's counters were rebuilt) counts as nothing new."""
+    pairs = zip(after.latency_counts, before.latency_counts, strict=True)
+    latency = [max(0, later - earlier) for later, earlier in pairs]
+    return IntervalStats(
+        requests=max(0, after.requests - before.requests),
+        errors=max(0, after.errors - before.errors),
+        p99_ms=_quantile_ms(list(accumulate(latency)), 0.99),
+    )
+
+
 class StatsDump(NamedTuple):
     """Every counter of a VersionStats as plain values: picklable (a worker sends its own to
     the supervisor), and summed by VersionStats.absorb."""
@@ -117,6 +151,7 @@ class StatsDump(NamedTuple):
     slot_requests: list[int]
     slot_errors: list[int]
     slot_latency: list[list[int]]
+    latency_counts: list[int]
 
 
 class VersionStats:
@@ -132,6 +167,7 @@ class VersionStats:
         "duration_buckets",
         "duration_sum",
         "fallbacks",
+        "latency_counts",
         "upstream_errors",
     )
 
@@ -143,6 +179,8 @@ class VersionStats:
         self.duration_sum = 0.0
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.fallbacks = 0
+        # Lifetime requests per window bucket (WINDOW_BOUNDS, then slower than 60 s).
+        self.latency_counts = [0] * _WINDOW_BUCKETS
         self._slot_second = [-1] * WINDOW_SECONDS  # which whole monotonic second a slot holds
         self._slot_requests = [0] * WINDOW_SECONDS
         self._slot_errors = [0] * WINDOW_SECONDS
@@ -162,6 +200,7 @@ class VersionStats:
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         window = window_bucket(seconds)
+        self.latency_counts[window] += 1
         self.duration_buckets[duration_bucket(seconds, window)] += 1
         self.duration_sum += seconds
         second = int(self._clock() if now is None else now)
@@ -205,6 +244,15 @@ class VersionStats:
             "p99_ms": _quantile_ms(cumulative, 0.99),
         }
 
+    def cumulative(self) -> Cumulative:
+        """The lifetime counts now; ``between`` two of them is one interval's requests."""
+        codes = self.codes
+        return Cumulative(
+            requests=sum(codes.values()),
+            errors=sum(count for code, count in codes.items() if code >= 500),
+            latency_counts=tuple(self.latency_counts),
+        )
+
     def dump(self) -> StatsDump:
         """Every counter as plain values, to be summed into another process's stats."""
         return StatsDump(
@@ -217,6 +265,7 @@ class VersionStats:
             slot_requests=list(self._slot_requests),
             slot_errors=list(self._slot_errors),
             slot_latency=[list(latency) for latency in self._slot_latency],
+            latency_counts=list(self.latency_counts),
         )
 
     def absorb(self, dump: StatsDump) -> None:
@@ -228,6 +277,7 @@ class VersionStats:
         for kind, count in dump.upstream_errors.items():
             self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + count
         self.fallbacks += dump.fallbacks
+        self.latency_counts = list(map(add, self.latency_counts, dump.latency_counts))
         self._absorb_window(dump)
 
     def _absorb_window(self, dump: StatsDump) -> None:
@@ -261,11 +311,12 @@ def _quantile_ms(cumulative: list[int], q: float) -> float:
 class Metrics:
     """All VersionStats of a worker, kept across reloads (counters never go backwards)."""
 
-    __slots__ = ("_clock", "_stats")
+    __slots__ = ("_clock", "_collectors", "_stats")
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        self._collectors: list[Collector] = []
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self._stats)} versions]>"
@@ -288,6 +339,10 @@ class Metrics:
     def clear(self) -> None:
         self._stats = {}
 
+    def add_collector(self, collector: Collector) -> None:
+        """Render ``collector``'s families with every scrape too (the releases' state)."""
+        self._collectors.append(collector)
+
     def render(self, snapshot: Snapshot, endpoint_health: EndpointHealth | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every version's counters,
         and of every endpoint's health if ``endpoint_health`` is given."""
@@ -296,6 +351,8 @@ class Metrics:
                 self.version(service.name, version.name)
         registry = CollectorRegistry()
         registry.register(_ScrapeCollector(self._stats, snapshot.config, endpoint_health))
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry)
 
 

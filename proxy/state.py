@@ -104,6 +104,10 @@ def check_precondition(generation: int) -> None:
     precondition.settled = True
 
 
+# Adjusts a reloaded config before the swap: (the config to swap in, warnings to add).
+ReloadHook = Callable[[Config], tuple[Config, list[str]]]
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     generation: int
@@ -142,6 +146,7 @@ class LiveState:
         self._writer: statefile.StateFileWriter | None = None
         self._persisted: dict[str, Callable[[], object]] = {}
         self._restored: dict[str, object] = {}
+        self._reload_hooks: list[ReloadHook] = []
 
     def __repr__(self) -> str:
         snapshot = self.snapshot
@@ -153,6 +158,11 @@ class LiveState:
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         """Call ``callback(snapshot)`` after every swap."""
         self._subscribers.append(callback)
+
+    def on_reload(self, hook: ReloadHook) -> None:
+        """Let ``hook(config)`` adjust every config a reload is about to swap in (an active
+        release keeps its weights): it returns the config to swap in and warnings to add."""
+        self._reload_hooks.append(hook)
 
     def service(self, name: str) -> Service:
         """The live service called ``name``; UnknownService if there is none."""
@@ -350,6 +360,11 @@ class LiveState:
             config = replace(config, services=services)
             router = Router(services)
             warnings += carried
+        for hook in self._reload_hooks:
+            adjusted, more = hook(config)
+            if adjusted is not config:
+                config, router = adjusted, Router(adjusted.services)
+            warnings += more
         for warning in warnings:
             log.warning("reload: %s", warning)
         names = {service.name for service in config.services}
