@@ -12,6 +12,7 @@ import gc
 import http.client
 import json
 import os
+import pickle
 import socket
 import time
 import urllib.error
@@ -27,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ConfigError
 from proxy.dataplane import DataPlane
 from proxy.loader import parse_config
 from proxy.metrics import MIRROR_OUTCOMES, Metrics, MirrorStats
@@ -758,3 +760,35 @@ def post(url: str) -> tuple[int, bytes]:
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
+
+
+def test_mirror_defaults_and_type_errors() -> None:
+    service = "services:\n  - name: web\n"
+    service += "    versions: {a: {endpoints: [h:1]}, b: {endpoints: [h:2]}}\n"
+    (parsed,) = parse_config(service + "    mirror: {to: b}\n").services
+    mirror = parsed.mirror
+    assert mirror is not None
+    assert (mirror.percent, mirror.max_body_bytes, mirror.max_in_flight) == (100.0, 65536, 100)
+    (parsed,) = parse_config(service).services
+    assert parsed.mirror is None
+    with pytest.raises(ConfigError) as refused:
+        parse_config(service + "    mirror: {to: b, percent: '10%', max_in_flight: 1.5, x: 1}\n")
+    assert sorted(refused.value.errors) == [
+        "services[0].mirror.max_in_flight: line 4: expected an integer, got a number",
+        "services[0].mirror.percent: line 4: expected a number, got a string",
+        "services[0].mirror.x: line 4: unknown key 'x' (expected: to, percent, "
+        "max_body_bytes, max_in_flight)",
+    ]
+
+
+def test_mirror_stats_survive_pickling_and_sum_over_workers() -> None:
+    mine, theirs = Metrics(), Metrics()
+    theirs.mirror("web", "canary").count("mismatch")
+    theirs.mirror("web", "canary").observe(500, 0.004, time.monotonic())
+    theirs.mirror("web", "canary").observe_primary(200, 0.002, time.monotonic())
+    mine.mirror("web", "canary").count("match")
+    mine.absorb(pickle.loads(pickle.dumps(theirs.dump())))
+    summary = mine.mirror("web", "canary").summary()
+    assert (summary["mirrored"], summary["match"], summary["mismatch"]) == (2, 1, 1)
+    assert summary["shadow_p50_ms"] > 0 and summary["primary_p50_ms"] > 0
+    assert Metrics().version("web", "stable").dump().mirror is None

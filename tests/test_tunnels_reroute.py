@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.config import ConfigError
 from proxy.loader import parse_config
 from proxy.routing import STICKY, RequestView, Router, ServiceRouter, hash_version
 from proxy.tunnels import TunnelRoute, close_delays, with_sticky_cookie
@@ -427,3 +428,36 @@ def test_a_tunnel_given_a_sticky_cookie_is_decided_again_with_that_cookie() -> N
     assert route_to(version, again).routes_elsewhere(router_of(moved, split=sticky))
     assert hash_version(key, {"stable": 1, "canary": 1}) == version
     assert with_sticky_cookie(view, None) is view
+
+
+# --------------------------------------------------------------------------- config
+
+SERVICE = """\
+services:
+  - name: chat
+    versions: {stable: {endpoints: ["h:1"]}, canary: {endpoints: ["h:2"]}}
+"""
+
+
+def test_reroute_tunnels_is_off_unless_set_and_within_defaults_to_30s() -> None:
+    (service,) = parse_config(SERVICE).services
+    assert service.reroute_tunnels is None
+    (service,) = parse_config(SERVICE + "    reroute_tunnels: {}\n").services
+    assert service.reroute_tunnels is not None and service.reroute_tunnels.within == 30.0
+    (service,) = parse_config(SERVICE + "    reroute_tunnels: {within: 0}\n").services
+    assert service.reroute_tunnels is not None and service.reroute_tunnels.within == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{within: -1s}", "services[0].reroute_tunnels.within: line 4: invalid duration"),
+        ("{within: soon}", "services[0].reroute_tunnels.within: line 4: invalid duration"),
+        ("{spread: 5s}", "services[0].reroute_tunnels.spread: line 4: unknown key 'spread'"),
+        ("true", "services[0].reroute_tunnels: line 4: expected a mapping, got a boolean"),
+    ],
+)
+def test_bad_reroute_tunnels_are_refused_with_their_line(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(SERVICE + f"    reroute_tunnels: {text}\n")
+    assert any(error.startswith(expected) for error in refused.value.errors), refused.value.errors
