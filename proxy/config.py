@@ -144,6 +144,25 @@ LOAD_BALANCING = ("round_robin", "least_request")
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Shadow traffic: ``percent`` of the requests the other versions serve are
+    also sent to version ``to``, whose answers are compared and discarded."""
+
+    to: str
+    percent: float = 100.0  # 0-100
+    max_body_bytes: int = 65536  # larger request bodies are not mirrored; 0: only bodyless ones
+    max_in_flight: int = 100  # shadow requests at once, per worker process
+
+
+@dataclass(frozen=True, slots=True)
+class RerouteTunnels:
+    """After a routing change, close the tunnels whose request now routes
+    elsewhere, spread over ``within`` seconds."""
+
+    within: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceMatch:
     host: str = "*"  # "*", an exact host, or "*.example.com"; lower-case, no port
     path_prefix: str = "/"
@@ -166,6 +185,8 @@ class Service:
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
     release: ReleaseSpec | None = None  # started when the proxy starts (docs/releases.md)
+    mirror: Mirror | None = None  # None: no shadow traffic
+    reroute_tunnels: RerouteTunnels | None = None  # None: tunnels stay where they started
     # A digest of the service's part of the config file as written (loader.node_digest);
     # kept through runtime weight changes, so a state file can tell whether the file changed it.
     source_digest: str = field(default="", compare=False, repr=False)

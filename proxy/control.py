@@ -369,6 +369,19 @@ class _ControlAPI:
             },
             "rules": [_rule_json(rule) for rule in service.rules],
             "split": _split_json(service.split),
+            "mirror": self._mirror_json(service),
+        }
+
+    def _mirror_json(self, service: Service) -> dict[str, object] | None:
+        """The service's mirror and how its shadow requests went; null without one."""
+        mirror = service.mirror
+        if mirror is None:
+            return None
+        stats = self._metrics.mirror(service.name, mirror.to)
+        return {
+            "to": mirror.to,
+            "percent": _number(mirror.percent),
+            "stats": stats.summary(),
         }
 
 

@@ -32,7 +32,9 @@ from proxy.config import (
     HealthCheck,
     IPNetwork,
     Limits,
+    Mirror,
     OutlierDetection,
+    RerouteTunnels,
     Retries,
     Rule,
     Service,
@@ -118,7 +120,11 @@ _SERVICE_KEYS = (
     "outlier_detection",
     "retries",
     "release",
+    "mirror",
+    "reroute_tunnels",
 )
+_MIRROR_KEYS = ("to", "percent", "max_body_bytes", "max_in_flight")
+_REROUTE_KEYS = ("within",)
 _HEALTH_CHECK_KEYS = (
     "path",
     "host",
@@ -875,6 +881,10 @@ class _Reader:
             retries=self.retries(fields.get("retries"), f"{path}.retries"),
             source_digest=node_digest(node),
             release=release,
+            mirror=self.mirror(fields.get("mirror"), f"{path}.mirror", names),
+            reroute_tunnels=self.reroute_tunnels(
+                fields.get("reroute_tunnels"), f"{path}.reroute_tunnels"
+            ),
         )
 
     def release(
@@ -978,6 +988,51 @@ class _Reader:
         fields = self.fields(node, path, _RETRY_KEYS) or {}
         attempts = self.integer(fields.get("attempts"), f"{path}.attempts", 0)
         return Retries(attempts=_or(attempts, Retries().attempts))
+
+    def mirror(self, node: Node | None, path: str, names: list[str] | None) -> Mirror | None:
+        fields = self.fields(node, path, _MIRROR_KEYS)
+        if node is None or fields is None:
+            return None
+        to_node = self.required(fields, "to", path, node)
+        to = self.version_ref(to_node, f"{path}.to", names)
+        if to is not None and to_node is not None and names == [to]:
+            self.error(f"{path}.to", to_node, "the only version cannot mirror to itself")
+        percent = self.percent(fields.get("percent"), f"{path}.percent")
+        body = self.integer(fields.get("max_body_bytes"), f"{path}.max_body_bytes", 0)
+        in_flight = self.integer(fields.get("max_in_flight"), f"{path}.max_in_flight", 1)
+        default = Mirror("")
+        return Mirror(
+            to=_or(to, ""),
+            percent=_or(percent, default.percent),
+            max_body_bytes=_or(body, default.max_body_bytes),
+            max_in_flight=_or(in_flight, default.max_in_flight),
+        )
+
+    def percent(self, node: Node | None, path: str) -> float | None:
+        """A share in percent: a number from 0 to 100."""
+        if node is None:
+            return None
+        value: int | float | None
+        if isinstance(node, ScalarNode) and node.tag == _INT:
+            value = self.int_value(node, path)  # compared as an int: no overflow to float
+            if value is None:
+                return None
+        elif isinstance(node, ScalarNode) and node.tag == _FLOAT:
+            value = _SCALARS.construct_yaml_float(node)
+        else:
+            self.error(path, node, f"expected a number, got {_kind(node)}")
+            return None
+        if not 0 <= value <= 100:  # also refuses nan
+            self.error(path, node, "must be between 0 and 100")
+            return None
+        return float(value)
+
+    def reroute_tunnels(self, node: Node | None, path: str) -> RerouteTunnels | None:
+        fields = self.fields(node, path, _REROUTE_KEYS)
+        if node is None or fields is None:
+            return None
+        within = self.duration(fields.get("within"), f"{path}.within", positive=False)
+        return RerouteTunnels(within=_or(within, RerouteTunnels().within))
 
     def fallback(self, node: Node | None, path: str, names: list[str] | None) -> str | None:
         fallback = self.version_ref(node, path, names)

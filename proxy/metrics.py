@@ -51,6 +51,9 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+# How a mirrored request ended: the shadow answered the primary's status or
+# another one, failed, or was not sent (see proxy/mirror.py).
+MIRROR_OUTCOMES: Final = ("match", "mismatch", "error", "skipped")
 WINDOW_SECONDS: Final = 60
 
 
@@ -152,6 +155,15 @@ class StatsDump(NamedTuple):
     slot_errors: list[int]
     slot_latency: list[list[int]]
     latency_counts: list[int]
+    mirror: MirrorDump | None = None  # this version's shadow traffic, if any
+
+
+class MirrorDump(NamedTuple):
+    """A MirrorStats as plain values (see StatsDump)."""
+
+    outcomes: dict[str, int]
+    primary: StatsDump
+    shadow: StatsDump
 
 
 class VersionStats:
@@ -168,6 +180,7 @@ class VersionStats:
         "duration_sum",
         "fallbacks",
         "latency_counts",
+        "mirror",
         "upstream_errors",
     )
 
@@ -186,6 +199,7 @@ class VersionStats:
         self._slot_errors = [0] * WINDOW_SECONDS
         # Allocated when a slot is first used, so idle versions stay small.
         self._slot_latency: list[list[int]] = [[] for _ in range(WINDOW_SECONDS)]
+        self.mirror: MirrorStats | None = None  # created when this version is a mirror's shadow
 
     def __repr__(self) -> str:
         window = self.window()
@@ -266,6 +280,7 @@ class VersionStats:
             slot_errors=list(self._slot_errors),
             slot_latency=[list(latency) for latency in self._slot_latency],
             latency_counts=list(self.latency_counts),
+            mirror=self.mirror.dump() if self.mirror is not None else None,
         )
 
     def absorb(self, dump: StatsDump) -> None:
@@ -279,6 +294,10 @@ class VersionStats:
         self.fallbacks += dump.fallbacks
         self.latency_counts = list(map(add, self.latency_counts, dump.latency_counts))
         self._absorb_window(dump)
+        if dump.mirror is not None:
+            if self.mirror is None:
+                self.mirror = MirrorStats(self._clock)
+            self.mirror.absorb(dump.mirror)
 
     def _absorb_window(self, dump: StatsDump) -> None:
         requests, errors, latencies = dump.slot_requests, dump.slot_errors, dump.slot_latency
@@ -297,6 +316,58 @@ class VersionStats:
         self._slot_requests[slot] = 0
         self._slot_errors[slot] = 0
         self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
+
+
+class MirrorStats:
+    """The shadow traffic sent to one version: how each mirrored request ended
+    (lifetime counts by outcome), and the latencies of both sides (the last
+    minute, in VersionStats windows: the primary's for every request that was
+    mirrored, the shadow's for every shadow that answered)."""
+
+    __slots__ = ("outcomes", "primary", "shadow")
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.outcomes = dict.fromkeys(MIRROR_OUTCOMES, 0)
+        self.primary = VersionStats(clock)
+        self.shadow = VersionStats(clock)
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{name}={count}" for name, count in self.outcomes.items())
+        return f"<MirrorStats [{counts}]>"
+
+    def count(self, outcome: str) -> None:
+        """One request ended with `outcome` (one of MIRROR_OUTCOMES)."""
+        self.outcomes[outcome] += 1
+
+    def observe(self, status: int, seconds: float, now: float) -> None:
+        """A shadow answered `status` after `seconds`."""
+        self.shadow.observe(status, seconds, now)
+
+    def observe_primary(self, status: int, seconds: float, now: float) -> None:
+        """The primary of a mirrored request answered `status` after `seconds`."""
+        self.primary.observe(status, seconds, now)
+
+    def summary(self) -> dict[str, float | int]:
+        """The service JSON's mirror stats: lifetime counts, last-minute latencies."""
+        outcomes = self.outcomes
+        primary = self.primary.window()
+        shadow = self.shadow.window()
+        return {
+            "mirrored": outcomes["match"] + outcomes["mismatch"] + outcomes["error"],
+            **outcomes,
+            "primary_p50_ms": primary["p50_ms"],
+            "shadow_p50_ms": shadow["p50_ms"],
+            "shadow_p99_ms": shadow["p99_ms"],
+        }
+
+    def dump(self) -> MirrorDump:
+        return MirrorDump(dict(self.outcomes), self.primary.dump(), self.shadow.dump())
+
+    def absorb(self, dump: MirrorDump) -> None:
+        for outcome, count in dump.outcomes.items():
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + count
+        self.primary.absorb(dump.primary)
+        self.shadow.absorb(dump.shadow)
 
 
 def _quantile_ms(cumulative: list[int], q: float) -> float:
@@ -329,6 +400,13 @@ class Metrics:
             stats = self._stats[key] = VersionStats(self._clock)
         return stats
 
+    def mirror(self, service: str, version: str) -> MirrorStats:
+        """The stats of the shadow traffic to one version, created on first use."""
+        stats = self.version(service, version)
+        if stats.mirror is None:
+            stats.mirror = MirrorStats(self._clock)
+        return stats.mirror
+
     def dump(self) -> dict[tuple[str, str], StatsDump]:
         return {key: stats.dump() for key, stats in self._stats.items()}
 
@@ -349,6 +427,8 @@ class Metrics:
         for service in snapshot.config.services:
             for version in service.versions:
                 self.version(service.name, version.name)
+            if service.mirror is not None:
+                self.mirror(service.name, service.mirror.to)
         registry = CollectorRegistry()
         registry.register(_ScrapeCollector(self._stats, snapshot.config, endpoint_health))
         for collector in self._collectors:
@@ -397,6 +477,7 @@ class _ScrapeCollector(Collector):
                 upstream_errors.add_metric([service, version, kind], count)
             fallbacks.add_metric([service, version], stats.fallbacks)
         families = [requests, durations, upstream_errors, fallbacks, self._weights()]
+        families += self._mirrors()
         if self._endpoint_health is not None:
             families.append(self._endpoints_healthy(self._endpoint_health))
         return families
@@ -412,6 +493,30 @@ class _ScrapeCollector(Collector):
             for version, weight in service.split.weights.items():
                 weights.add_metric([service.name, version], 100 * weight / total if total else 0.0)
         return weights
+
+    def _mirrors(self) -> list[Metric]:
+        mirrors = CounterMetricFamily(
+            "grayproxy_mirror_total",
+            "Mirrored requests by outcome (version: the shadow's).",
+            labels=("service", "version", "outcome"),
+        )
+        durations = HistogramMetricFamily(
+            "grayproxy_mirror_duration_seconds",
+            "Duration of the shadow requests that were answered, in seconds.",
+            labels=("service", "version"),
+        )
+        for (service, version), stats in sorted(self._stats.items()):
+            mirror = stats.mirror
+            if mirror is None:
+                continue
+            for outcome, count in mirror.outcomes.items():
+                mirrors.add_metric([service, version, outcome], count)
+            durations.add_metric(
+                [service, version],
+                buckets=_cumulative_buckets(mirror.shadow.duration_buckets),
+                sum_value=mirror.shadow.duration_sum,
+            )
+        return [mirrors, durations]
 
     def _endpoints_healthy(self, endpoint_health: EndpointHealth) -> GaugeMetricFamily:
         healthy = GaugeMetricFamily(
