@@ -24,6 +24,7 @@ HOT_PATH = [
     "proxy/upstream.py",
     "proxy/endpoints.py",
     "proxy/dataplane.py",
+    "proxy/mirror.py",
 ]
 
 

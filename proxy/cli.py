@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from proxy import ctl
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, Service
 from proxy.loader import load_config
 
 EXIT_CONFIG = 2
@@ -127,12 +127,21 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def summary(config: Config) -> str:
-    """`2 services: web (stable, canary), api (blue, green)`."""
+    """`2 services: web (stable, canary; release of canary in 4 steps), api (blue, green)`."""
     count = len(config.services)
     services = ", ".join(
-        f"{s.name} ({', '.join(v.name for v in s.versions)})" for s in config.services
+        f"{s.name} ({', '.join(v.name for v in s.versions)}{_release_summary(s)})"
+        for s in config.services
     )
     return f"{count} service{'s' if count != 1 else ''}: {services}"
+
+
+def _release_summary(service: Service) -> str:
+    release = service.release
+    if release is None:
+        return ""
+    steps = len(release.steps)
+    return f"; release of {release.canary} in {steps} step{'s' if steps != 1 else ''}"
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # release.py imports this module; a Service only holds the spec
+    from proxy.release import ReleaseSpec
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -21,6 +25,10 @@ MAX_WEIGHT = 1_000_000
 # headers_with_underscores_action, nginx's underscores_in_headers): drop the header,
 # reject the request with 400, or pass it on.
 HEADERS_WITH_UNDERSCORES = ("drop", "reject", "allow")
+# What a control-API token may do: "admin" reads and changes, "read" only reads (GET).
+TOKEN_ROLES = ("admin", "read")
+# The actors of changes no token makes (docs/change-safety.md): no token may take these names.
+RESERVED_ACTORS = ("release", "file", "signal")
 
 
 class ConfigError(Exception):
@@ -169,6 +177,25 @@ LOAD_BALANCING = ("round_robin", "least_request")
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Shadow traffic: ``percent`` of the requests the other versions serve are
+    also sent to version ``to``, whose answers are compared and discarded."""
+
+    to: str
+    percent: float = 100.0  # 0-100
+    max_body_bytes: int = 65536  # larger request bodies are not mirrored; 0: only bodyless ones
+    max_in_flight: int = 100  # shadow requests at once, per worker process
+
+
+@dataclass(frozen=True, slots=True)
+class RerouteTunnels:
+    """After a routing change, close the tunnels whose request now routes
+    elsewhere, spread over ``within`` seconds."""
+
+    within: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceMatch:
     host: str = "*"  # "*", an exact host, or "*.example.com"; lower-case, no port
     path_prefix: str = "/"
@@ -190,6 +217,21 @@ class Service:
     health_check: HealthCheck | None = None  # None: no active checks
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
+    release: ReleaseSpec | None = None  # started when the proxy starts (docs/releases.md)
+    mirror: Mirror | None = None  # None: no shadow traffic
+    reroute_tunnels: RerouteTunnels | None = None  # None: tunnels stay where they started
+    # A digest of the service's part of the config file as written (loader.node_digest);
+    # kept through runtime weight changes, so a state file can tell whether the file changed it.
+    source_digest: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A named control-API bearer token; ``name`` is the actor of the changes it makes."""
+
+    name: str
+    secret: str = field(repr=False)
+    role: str = "admin"  # one of TOKEN_ROLES
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +241,8 @@ class Control:
     token_env: str | None = None
     token_file: str | None = None
     tls: ListenerTls | None = None  # None: plain HTTP
+    # Every accepted token: control.tokens, or token_env / token_file as one admin named "admin".
+    tokens: tuple[Token, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +256,7 @@ class Config:
     drain_timeout: float = 30.0
     headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
     tls: ListenerTls | None = None  # the data listener's; None: plain HTTP
+    state_file: str | None = None  # absolute path; runtime state kept across restarts
     source: str = field(default="<string>", compare=False)
 
 

@@ -5,10 +5,25 @@ own status, ConfigError is 400 with every problem in ``details``, aiohttp's
 HTTP errors (404 unknown route, 405 wrong method, 413 body too large) keep
 theirs, anything else is a logged 500. Every error body is
 ``{"error": "...", "details": [...]}``.
+
+Change safety (docs/change-safety.md) is two middlewares, so that routes other
+modules add get it too. ``_bearer_auth`` finds the caller's token among all of
+them (each compared in constant time, none skipped), refuses a change to a
+``read`` token (403), and sets ``request[ACTOR]`` to the token's name (handlers
+read it with ``actor_of(request)``).
+``_versioned`` handles If-Match and ETag: a stale If-Match is refused at once
+(412); otherwise the request's If-Match is put where LiveState checks it
+(``state.IF_MATCH``) when the change applies, in the same synchronous step as the
+swap: a change that lands while the handler awaits (its body, a reload's parse)
+makes this one 412, never a lost update. Every successful ``/api/`` answer
+carries ``ETag: "GENERATION"``, the generation it shows, and is sent only once
+the state file (if any) holds that generation: a generation a client has seen
+survives ``kill -9``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -17,15 +32,27 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.config import ConfigError, FieldMatch, Rule, Service, Split
+from proxy.audit import parse_limit
+from proxy.config import ConfigError, Control, FieldMatch, Rule, Service, Split, Token
 from proxy.errors import ControlRefused, InvalidRequest
 from proxy.metrics import EndpointHealth, Metrics
-from proxy.state import LiveState
+from proxy.release_api import add_release_api
+from proxy.releases import Releases
+from proxy.state import (
+    DEFAULT_ACTOR,
+    IF_MATCH,
+    LiveState,
+    Precondition,
+    PreconditionFailed,
+)
 
 log = logging.getLogger(__name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KEPT_ERROR_HEADERS = ("Allow", "WWW-Authenticate")
+READ_METHODS = frozenset({"GET", "HEAD"})  # what a "read" token may call
+ACTOR = web.RequestKey("actor", str)  # who makes the request's changes (a token's name)
+_MAX_GENERATION_DIGITS = 18
 
 
 def create_app(
@@ -35,14 +62,16 @@ def create_app(
     endpoint_health: EndpointHealth,
     is_ready: Callable[[], bool],
     refresh: Callable[[], Awaitable[None]] | None = None,
+    releases: Releases | None = None,
 ) -> web.Application:
     """The control application; the caller runs it on ``control.listen``.
 
     ``refresh``, if given, is awaited before stats, health or metrics are read
-    (a supervisor gathers them from its workers then).
+    (a supervisor gathers them from its workers then). ``releases`` drives the
+    releases (proxy/releases.py; by default one on this state and metrics).
     """
     api = _ControlAPI(state, metrics, endpoint_health, is_ready, refresh)
-    app = web.Application(middlewares=[_errors, _bearer_auth(state)])
+    app = web.Application(middlewares=[_errors, _bearer_auth(state), _versioned(state)])
     app.add_routes(
         [
             web.get("/api/v1/services", api.list_services),
@@ -51,11 +80,18 @@ def create_app(
             web.post("/api/v1/services/{name}/promote", api.promote),
             web.post("/api/v1/services/{name}/rollback", api.rollback),
             web.post("/api/v1/reload", api.reload),
+            web.get("/api/v1/audit", api.audit),
             web.get("/healthz", api.healthz),
             web.get("/readyz", api.readyz),
             web.get("/metrics", api.metrics),
         ]
     )
+    releases = releases or Releases(state, metrics, refresh=refresh)
+    add_release_api(app, releases, actor_of)
+    state.add_persisted("releases", releases.dump)
+    saved = state.restored("releases")
+    if isinstance(saved, dict):
+        releases.restore(saved)  # before the app starts: a restored release is not restarted
     return app
 
 
@@ -92,22 +128,126 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _bearer_auth(state: LiveState) -> Middleware:
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        token = state.snapshot.config.control.token
-        if token and request.path.startswith("/api/") and not _authorized(request, token):
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        tokens = _tokens(state.snapshot.config.control)
+        if not tokens:
+            request[ACTOR] = DEFAULT_ACTOR
+            return await handler(request)
+        token = _token_of(request, tokens)
+        if token is None:
             return error_response(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
+        if token.role != "admin" and request.method not in READ_METHODS:
+            why = f"token {token.name!r} has the role {token.role!r}: it may only read (GET)"
+            return error_response(403, "forbidden: a change needs an admin token", [why])
+        request[ACTOR] = token.name
         return await handler(request)
 
     return bearer_auth
 
 
-def _authorized(request: web.Request, token: str) -> bool:
+def _tokens(control: Control) -> tuple[Token, ...]:
+    if control.tokens or control.token is None:
+        return control.tokens
+    return (Token("admin", control.token, "admin"),)  # a Control made without the loader
+
+
+def _token_of(request: web.Request, tokens: tuple[Token, ...]) -> Token | None:
+    """The token the request presents, compared with every token in constant time: the
+    time taken tells nothing of which token, or how much of one, matched."""
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        credentials.strip().encode("utf-8", "surrogatepass"),
-        token.encode("utf-8", "surrogatepass"),
+    presented = credentials.strip().encode("utf-8", "surrogatepass")
+    found = None
+    for token in tokens:
+        if hmac.compare_digest(presented, token.secret.encode("utf-8", "surrogatepass")):
+            found = token
+    return found if scheme.lower() == "bearer" else None
+
+
+def _versioned(state: LiveState) -> Middleware:
+    """If-Match on every /api/ call, ETag on every successful answer (module docstring)."""
+
+    @web.middleware
+    async def versioned(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        precondition = _if_match(request)
+        if precondition is not None and not precondition.holds(state.snapshot.generation):
+            failed = PreconditionFailed(precondition.condition, state.snapshot.generation)
+            return await _shown(state, _precondition_failed(failed), failed.generation)
+        context = IF_MATCH.set(precondition)
+        try:
+            response = await handler(request)
+        except PreconditionFailed as failed:
+            return await _shown(state, _precondition_failed(failed), failed.generation)
+        finally:
+            if precondition is not None:
+                precondition.settled = True  # tasks the handler started cannot be refused by it
+            IF_MATCH.reset(context)
+        # No await since the handler's last read of the state: this is the generation it shows.
+        generation = state.snapshot.generation
+        if response.status >= 300 or response.prepared:
+            return response
+        return await _shown(state, response, generation)
+
+    return versioned
+
+
+async def _shown(
+    state: LiveState, response: web.StreamResponse, generation: int
+) -> web.StreamResponse:
+    """``response`` with the ETag of ``generation``, once the state file holds it."""
+    response.headers["ETag"] = f'"{generation}"'
+    await state.written(generation)
+    return response
+
+
+def _if_match(request: web.Request) -> Precondition | None:
+    """The request's If-Match: ``*``, or entity tags ``"7"`` (a bare 7 is taken too); weak
+    tags (``W/"7"``) never match, as RFC 9110 compares strongly. 400 if malformed."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    condition = header.strip()
+    task = asyncio.current_task()
+    if condition == "*":
+        return Precondition(condition, None, task=task)
+    generations: set[int] = set()
+    for part in condition.split(","):
+        tag = part.strip()
+        if not tag or tag.startswith("W/"):
+            continue
+        if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+            tag = tag[1:-1]
+        elif not tag.isdigit():
+            expected = 'expected If-Match: "GENERATION" (the ETag of a read) or *'
+            raise InvalidRequest(f"malformed If-Match {header!r}", [expected])
+        if tag.isascii() and tag.isdigit() and len(tag) <= _MAX_GENERATION_DIGITS:
+            generations.add(int(tag))
+    return Precondition(condition, frozenset(generations), task=task)
+
+
+def _precondition_failed(failed: PreconditionFailed) -> web.Response:
+    generation = failed.generation
+    return web.json_response(
+        {
+            "error": (
+                f"precondition failed: If-Match {failed.condition} does not match the current "
+                f"generation {generation}; nothing changed"
+            ),
+            "details": [f'read the current state (ETag "{generation}") and decide again'],
+            "generation": generation,
+        },
+        status=412,
     )
+
+
+def actor_of(request: web.Request) -> str:
+    """Who makes the request's changes: its token's name (set by the auth middleware)."""
+    actor: str = request.get(ACTOR, DEFAULT_ACTOR)
+    return actor
 
 
 async def _json_body(request: web.Request) -> object:
@@ -151,7 +291,7 @@ class _ControlAPI:
     async def set_weights(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self._state.service(name)  # an unknown service is a 404 whatever the body
-        self._state.set_weights(name, await _json_body(request))
+        self._state.set_weights(name, await _json_body(request), actor=actor_of(request))
         return self._service_response(name)
 
     async def promote(self, request: web.Request) -> web.Response:
@@ -160,18 +300,33 @@ class _ControlAPI:
         body = await _json_body(request)
         if not isinstance(body, dict) or "version" not in body:
             raise InvalidRequest('body must be a JSON object like {"version": "canary"}')
-        self._state.promote(name, body["version"])
+        self._state.promote(name, body["version"], actor=actor_of(request))
         return self._service_response(name)
 
     async def rollback(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        self._state.rollback(name)
+        self._state.rollback(name, actor=actor_of(request))
         return self._service_response(name)
 
     async def reload(self, request: web.Request) -> web.Response:
-        snapshot = await self._state.reload()  # parsed in a thread: the loop keeps serving
+        # Parsed in a thread: the loop keeps serving.
+        snapshot = await self._state.reload(actor=actor_of(request))
         return web.json_response(
             {"generation": snapshot.generation, "warnings": list(snapshot.warnings)}
+        )
+
+    async def audit(self, request: web.Request) -> web.Response:
+        try:
+            limit = parse_limit(request.query.get("limit"))
+        except ValueError as exc:
+            raise InvalidRequest("invalid query", [str(exc)]) from None
+        service = request.query.get("service") or None
+        records = self._state.audit.newest(limit, service)
+        return web.json_response(
+            {
+                "generation": self._state.snapshot.generation,
+                "records": [record.to_json() for record in records],
+            }
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -214,6 +369,19 @@ class _ControlAPI:
             },
             "rules": [_rule_json(rule) for rule in service.rules],
             "split": _split_json(service.split),
+            "mirror": self._mirror_json(service),
+        }
+
+    def _mirror_json(self, service: Service) -> dict[str, object] | None:
+        """The service's mirror and how its shadow requests went; null without one."""
+        mirror = service.mirror
+        if mirror is None:
+            return None
+        stats = self._metrics.mirror(service.name, mirror.to)
+        return {
+            "to": mirror.to,
+            "percent": _number(mirror.percent),
+            "stats": stats.summary(),
         }
 
 

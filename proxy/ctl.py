@@ -53,12 +53,21 @@ class ControlClient:
     def __repr__(self) -> str:
         return f"<ControlClient {self.base_url} token={'set' if self.token else 'unset'}>"
 
-    def call(self, method: str, path: str, body: Json = None, timeout: float | None = None) -> Json:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Json = None,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Json:
         """The answer's JSON; ``timeout`` (seconds without a byte) defaults to
         REQUEST_TIMEOUT_SECONDS."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:
@@ -118,20 +127,40 @@ def _status(client: ControlClient, args: argparse.Namespace) -> Json:
 
 
 def _weights(client: ControlClient, args: argparse.Namespace) -> Json:
-    return client.call("PUT", f"/api/v1/services/{_quote(args.service)}/weights", args.weights)
+    path = f"/api/v1/services/{_quote(args.service)}/weights"
+    return client.call("PUT", path, args.weights, headers=if_match(args))
 
 
 def _promote(client: ControlClient, args: argparse.Namespace) -> Json:
     body = {"version": args.version}
-    return client.call("POST", f"/api/v1/services/{_quote(args.service)}/promote", body)
+    path = f"/api/v1/services/{_quote(args.service)}/promote"
+    return client.call("POST", path, body, headers=if_match(args))
 
 
 def _rollback(client: ControlClient, args: argparse.Namespace) -> Json:
-    return client.call("POST", f"/api/v1/services/{_quote(args.service)}/rollback", {})
+    path = f"/api/v1/services/{_quote(args.service)}/rollback"
+    return client.call("POST", path, {}, headers=if_match(args))
 
 
 def _reload(client: ControlClient, args: argparse.Namespace) -> Json:
-    return client.call("POST", "/api/v1/reload", {}, timeout=RELOAD_TIMEOUT_SECONDS)
+    return client.call(
+        "POST", "/api/v1/reload", {}, timeout=RELOAD_TIMEOUT_SECONDS, headers=if_match(args)
+    )
+
+
+def _audit(client: ControlClient, args: argparse.Namespace) -> Json:
+    query = {"limit": str(args.limit)}
+    if args.service:
+        query["service"] = args.service
+    return client.call("GET", f"/api/v1/audit?{urllib.parse.urlencode(query)}")
+
+
+def if_match(args: argparse.Namespace) -> dict[str, str]:
+    """The If-Match header of ``--if-match GENERATION`` (none without it)."""
+    generation: str | None = getattr(args, "if_match", None)
+    if generation is None:
+        return {}
+    return {"If-Match": generation if generation == "*" else f'"{generation}"'}
 
 
 def _quote(segment: str) -> str:
@@ -215,6 +244,35 @@ def format_reload(answer: Json) -> str:
     return "\n".join(lines)
 
 
+def format_audit(answer: Json) -> str:
+    """One line per audit record, newest first: generation, time, actor, action, service,
+    then what changed."""
+    records = answer.get("records") if isinstance(answer, dict) else None
+    if not isinstance(records, list):
+        return json.dumps(answer)
+    if not records:
+        return "no changes recorded"
+    rows: list[tuple[str, ...]] = [("GENERATION", "TIME", "ACTOR", "ACTION", "SERVICE", "CHANGE")]
+    for record in records:
+        rows.append(
+            (
+                str(record.get("generation", "?")),
+                str(record.get("time", "?")),
+                str(record.get("actor", "?")),
+                str(record.get("action", "?")),
+                str(record.get("service") or "-"),
+                f"{_compact(record.get('before'))} -> {_compact(record.get('after'))}",
+            )
+        )
+    return "\n".join(line[2:] for line in _aligned(rows))
+
+
+def _compact(value: object) -> str:
+    if isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values()):
+        return " ".join(f"{name}={_number(float(v))}" for name, v in value.items())
+    return json.dumps(value, separators=(",", ":"))
+
+
 def format_change(answer: Json) -> str:
     """One line per service after a change: its weights and generation."""
     services = services_of(answer)
@@ -247,6 +305,20 @@ def parse_weight(text: str) -> tuple[str, float]:
     if not math.isfinite(weight):
         raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number")
     return name, weight
+
+
+def parse_generation(text: str) -> str:
+    """`--if-match 7` (or `*`): a generation as a read shows it (its ETag)."""
+    generation = text.strip().strip('"')
+    if generation != "*" and not (generation.isascii() and generation.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a generation (a number) or *")
+    return generation
+
+
+def _limit(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 1 to 1000")
+    return int(text)
 
 
 class _WeightsAction(argparse.Action):
@@ -285,29 +357,54 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
     ctl.set_defaults(handler=run_ctl)
     actions = ctl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    guarded = argparse.ArgumentParser(add_help=False)
+    guarded.add_argument(
+        "--if-match",
+        type=parse_generation,
+        metavar="GENERATION",
+        help="apply only if the generation is still this one (else HTTP 412, nothing changed)",
+    )
 
     status = actions.add_parser("status", parents=[json_flag], help="services, versions, stats")
     status.add_argument("service", nargs="?", help="one service (default: all)")
     status.set_defaults(call=_status)
 
-    weights = actions.add_parser("weights", parents=[json_flag], help="set a service's weights")
+    weights = actions.add_parser(
+        "weights", parents=[json_flag, guarded], help="set a service's weights"
+    )
     weights.add_argument("service")
     weights.add_argument(
         "weights", nargs="+", type=parse_weight, action=_WeightsAction, metavar="VERSION=WEIGHT"
     )
     weights.set_defaults(call=_weights)
 
-    promote = actions.add_parser("promote", parents=[json_flag], help="one version to 100")
+    promote = actions.add_parser("promote", parents=[json_flag, guarded], help="one version to 100")
     promote.add_argument("service")
     promote.add_argument("version")
     promote.set_defaults(call=_promote)
 
-    rollback = actions.add_parser("rollback", parents=[json_flag], help="the baseline to 100")
+    rollback = actions.add_parser(
+        "rollback", parents=[json_flag, guarded], help="the baseline to 100"
+    )
     rollback.add_argument("service")
     rollback.set_defaults(call=_rollback)
 
-    reload = actions.add_parser("reload", parents=[json_flag], help="re-read the config file")
+    reload = actions.add_parser(
+        "reload", parents=[json_flag, guarded], help="re-read the config file"
+    )
     reload.set_defaults(call=_reload)
+
+    audit = actions.add_parser(
+        "audit", parents=[json_flag], help="the latest changes, newest first"
+    )
+    audit.add_argument("service", nargs="?", help="only this service's changes")
+    audit.add_argument(
+        "--limit", type=_limit, default=20, help="how many (default 20, at most 1000)"
+    )
+    audit.set_defaults(call=_audit)
+    from proxy import release_ctl  # it imports this module's client
+
+    release_ctl.add_parser(actions, json_flag)
 
 
 def run_ctl(args: argparse.Namespace) -> int:
@@ -328,6 +425,8 @@ def run_ctl(args: argparse.Namespace) -> int:
         print(format_status(answer))
     elif args.action == "reload":
         print(format_reload(answer))
+    elif args.action == "audit":
+        print(format_audit(answer))
     else:
         print(format_change(answer))
     return 0

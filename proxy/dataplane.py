@@ -38,8 +38,10 @@ from .http1 import (
     response_lines,
 )
 from .metrics import Metrics
+from .mirror import Mirrors, Shadow
 from .plan import PathLimits, Plan, RoutingTable, plan_request, refusal
 from .state import LiveState, Snapshot
+from .tunnels import Tunnels
 from .upstream import UpstreamConnection
 
 PAUSE_BUFFER_BYTES: Final = 256 * 1024
@@ -59,7 +61,9 @@ class DataPlane:
         self.metrics = metrics
         self.limits = PathLimits(state.snapshot.config)
         self.upstreams = Upstreams()
-        self.table = RoutingTable(state.snapshot, self.upstreams, metrics)
+        self.mirrors = Mirrors()  # shadow connections, kept across snapshots
+        self.tunnels = Tunnels(state.snapshot)  # tunnels that follow the split
+        self.table = RoutingTable(state.snapshot, self.upstreams, metrics, self.mirrors)
         self.connections: set[ClientConnection] = set()
         # X-Forwarded-Proto: whether the listener speaks TLS is fixed at start (see state.py)
         self.scheme = b"https" if state.snapshot.config.tls is not None else b"http"
@@ -83,8 +87,9 @@ class DataPlane:
         self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        self.table = RoutingTable(snapshot, self.upstreams, self.metrics)
+        self.table = RoutingTable(snapshot, self.upstreams, self.metrics, self.mirrors)
         self.limits = PathLimits(snapshot.config)  # a reload may change them
+        self.tunnels.follow(snapshot)
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)
@@ -110,6 +115,8 @@ class DataPlane:
         if self._ticker is not None:
             self._ticker.cancel()
         self.upstreams.close()
+        self.mirrors.close()
+        self.tunnels.close()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -534,6 +541,7 @@ class Exchange:
         "pool",
         "request_done",
         "service",
+        "shadow",
         "started_at",
         "state",
         "status",
@@ -565,6 +573,9 @@ class Exchange:
         self._last_read = 0.0  # 0: not waiting for the upstream
         self._chunked_response = False
         self.early_data = b""  # bytes the client sent after its upgrade request
+        self.shadow: Shadow | None = None  # the request's copy to a mirror (see mirror.py)
+        if plan.view is not None and plan.service is not None and plan.service.mirror is not None:
+            self.shadow = plan.service.mirror.shadow(plan)
 
     def __repr__(self) -> str:
         return f"<Exchange {STATE_NAMES[self.state]} {self.plan!r}>"
@@ -704,6 +715,8 @@ class Exchange:
         self._body_bytes += len(chunk)
         if self.plan.chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if self.shadow is not None:
+            self.shadow.body(chunk, self._body_bytes)
         if self.upstream is not None:
             self.upstream.write(chunk)
             return
@@ -731,6 +744,8 @@ class Exchange:
         self.request_done = True
         if self.plan.error is not None or self.state >= RESPONDING:
             return
+        if self.shadow is not None:
+            self.shadow.request_complete()
         if self.plan.chunked:
             if self.upstream is not None:
                 self.upstream.write(CHUNKED_END)
@@ -796,11 +811,14 @@ class Exchange:
         if self.early_data:
             self.upstream.write(self.early_data)
         self.client.start_tunnel(self.upstream)
+        if self.plan.view is not None:
+            self.plane.tunnels.opened(self)
 
     def tunnel_data(self, data: bytes) -> None:
         self.client.write(data)
 
     def tunnel_closed(self) -> None:
+        self.plane.tunnels.closed(self)
         self.upstream = None
         self._observe(101)
         self.client.close()
@@ -862,6 +880,8 @@ class Exchange:
     # -- endings -----------------------------------------------------------
     def client_gone(self) -> None:
         self._cancel_deadline()
+        if self.state == TUNNEL:
+            self.plane.tunnels.closed(self)
         if self._pending is not None:
             self._pending.cancel()
         if self.upstream is not None:
@@ -909,6 +929,8 @@ class Exchange:
         if self.target is not None:
             now = monotonic()
             self.target.stats.observe(status, now - self.started_at, now)
+            if self.shadow is not None:
+                self.shadow.primary_done(status, now - self.started_at, now)
         if self.pool is not None:
             self.pool.end(status)
             self.pool = None

@@ -6,6 +6,7 @@ line: ``services[0].split.weights.canary: line 14: must not be negative``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -20,6 +21,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from proxy.config import (
     HEADERS_WITH_UNDERSCORES,
     LOAD_BALANCING,
+    RESERVED_ACTORS,
+    TOKEN_ROLES,
     Address,
     Config,
     ConfigError,
@@ -30,7 +33,9 @@ from proxy.config import (
     IPNetwork,
     Limits,
     ListenerTls,
+    Mirror,
     OutlierDetection,
+    RerouteTunnels,
     Retries,
     Rule,
     Service,
@@ -38,6 +43,7 @@ from proxy.config import (
     Split,
     StickyCookie,
     Timeouts,
+    Token,
     UpstreamTls,
     Version,
     all_weights,
@@ -45,6 +51,7 @@ from proxy.config import (
     unknown_version,
     weight_problem,
 )
+from proxy.release import InvalidRelease, ReleaseSpec, parse_release
 from proxy.tls import TlsProblem, client_context, digest, read_file, server_context
 
 # A config file larger than this is refused before it is read: the YAML loader is pure Python
@@ -72,6 +79,7 @@ _SCALARS = yaml.constructor.SafeConstructor()
 
 _SERVICE_NAME = re.compile(r"[a-z0-9-]+")
 _VERSION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header names, methods
 _BEARER = re.compile(r"[\x21-\x7e]+")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -93,11 +101,13 @@ _TOP_KEYS = (
     "drain_timeout",
     "headers_with_underscores",
     "tls",
+    "state_file",
     "services",
 )
-_CONTROL_KEYS = ("listen", "token_env", "token_file", "tls")
+_CONTROL_KEYS = ("listen", "token_env", "token_file", "tokens", "tls")
 _LISTENER_TLS_KEYS = ("cert", "key")
 _UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
+_TOKEN_KEYS = ("name", "token_env", "token_file", "role")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
 _LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
 _SERVICE_KEYS = (
@@ -115,7 +125,12 @@ _SERVICE_KEYS = (
     "health_check",
     "outlier_detection",
     "retries",
+    "release",
+    "mirror",
+    "reroute_tunnels",
 )
+_MIRROR_KEYS = ("to", "percent", "max_body_bytes", "max_in_flight")
+_REROUTE_KEYS = ("within",)
 _HEALTH_CHECK_KEYS = (
     "path",
     "host",
@@ -308,6 +323,33 @@ def _parse(text: str, source: str, base_dir: str) -> Config:
     return config
 
 
+def node_digest(node: Node) -> str:
+    """A digest of what a YAML node says: tags and values, not comments, quoting, flow or
+    block style, or the order of mapping keys. A node reached again through an alias is
+    digested once (an alias bomb costs its size in nodes, not its expansion)."""
+    seen: dict[int, bytes] = {}
+
+    def digest(node: Node) -> bytes:
+        known = seen.get(id(node))
+        if known is not None:
+            return known
+        hasher = hashlib.sha256(node.tag.encode("utf-8", "surrogatepass"))
+        if isinstance(node, ScalarNode):
+            hasher.update(b"s" + str(node.value).encode("utf-8", "surrogatepass"))
+        elif isinstance(node, SequenceNode):
+            hasher.update(b"q")
+            for item in node.value:
+                hasher.update(digest(item))
+        elif isinstance(node, MappingNode):
+            hasher.update(b"m")
+            for pair in sorted(digest(key) + digest(value) for key, value in node.value):
+                hasher.update(pair)
+        seen[id(node)] = result = hasher.digest()
+        return result
+
+    return digest(node).hex()
+
+
 def _syntax_error(source: str, text: str, err: yaml.YAMLError) -> str:
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         message = err.problem
@@ -334,6 +376,14 @@ def _kind(node: Node) -> str:
 
 def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+def _nearest_line(lines: dict[str, int], path: str) -> int:
+    """The line of ``path`` (``steps[1].weight``), or of the nearest path above it."""
+    while path not in lines and path:
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[: max(cut, 0)]
+    return lines.get(path, 0)
 
 
 def _or(value: _T | None, default: _T) -> _T:
@@ -601,8 +651,30 @@ class _Reader:
                 _DEFAULTS.headers_with_underscores,
             ),
             tls=self.listener_tls(fields.get("tls"), "tls"),
+            state_file=self.state_file(fields.get("state_file")),
             source=self.source,
         )
+
+    def state_file(self, node: Node | None) -> str | None:
+        """The state file's absolute path (a relative one is next to the config file); its
+        directory must exist: the file itself is written at the first change."""
+        name = self.text(node, "state_file")
+        if name is None or node is None:
+            return None
+        if not name:
+            self.error("state_file", node, "must not be empty")
+            return None
+        path = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(name)))
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            self.error("state_file", node, f"the directory {directory} does not exist")
+        elif os.path.isdir(path):
+            self.error("state_file", node, f"{path} is a directory")
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            self.error("state_file", node, f"the directory {directory} is not writable")
+        else:
+            return path
+        return None
 
     def timeouts(self, node: Node | None, path: str, base: Timeouts) -> Timeouts:
         """Timeouts read over ``base``: keys left out keep the base value."""
@@ -642,6 +714,7 @@ class _Reader:
         listen = self.address(listen_node, "control.listen", ephemeral=True)
         token_env = self.text(fields.get("token_env"), "control.token_env")
         token_file = self.text(fields.get("token_file"), "control.token_file")
+        tokens_node = fields.get("tokens")
         token = None
         if token_env is not None and token_file is not None:
             self.error("control", fields["token_file"], "set token_env or token_file, not both")
@@ -649,16 +722,85 @@ class _Reader:
             token = self.env_token(token_env, fields["token_env"])
         elif token_file is not None:
             token = self.file_token(token_file, fields["token_file"])
+        if tokens_node is not None and (token_env is not None or token_file is not None):
+            both = "set tokens, or token_env / token_file (one admin token), not both"
+            self.error("control.tokens", tokens_node, both)
         if listen is not None and listen_node is not None:
-            tokenless = token_env is None and token_file is None
+            tokenless = token_env is None and token_file is None and tokens_node is None
             self.control_listen(listen, listen_node, data_listen, tokenless)
+        if tokens_node is not None:
+            tokens = self.named_tokens(tokens_node)
+        else:
+            tokens = (Token("admin", token, "admin"),) if token is not None else ()
         return Control(
             listen=_or(listen, _DEFAULTS.control.listen),
             token=token,
             token_env=token_env,
             token_file=token_file,
             tls=self.listener_tls(fields.get("tls"), "control.tls"),
+            tokens=tokens,
         )
+
+    def named_tokens(self, node: Node) -> tuple[Token, ...]:
+        """control.tokens: names and secrets unique, each with a role."""
+        items = self.items(node, "control.tokens")
+        if items is None:
+            return ()
+        if not items:
+            self.error("control.tokens", node, "at least one token is required")
+        tokens: list[Token] = []
+        first_name: dict[str, int] = {}
+        first_secret: dict[str, str] = {}  # secret -> the path of the first token holding it
+        for item, path in items:
+            token = self.named_token(item, path, first_name)
+            if token is None:
+                continue
+            if token.secret in first_secret:
+                same = f"the same secret as {first_secret[token.secret]}; every token must differ"
+                self.error(path, item, same)
+                continue
+            first_secret[token.secret] = path
+            tokens.append(token)
+        return tuple(tokens)
+
+    def named_token(self, node: Node, path: str, first_name: dict[str, int]) -> Token | None:
+        fields = self.fields(node, path, _TOKEN_KEYS)
+        if fields is None:
+            return None
+        name_node = self.required(fields, "name", path, node)
+        what = "token names may only contain A-Z, a-z, 0-9, '_', '.' and '-'"
+        name = self.pattern(name_node, f"{path}.name", _TOKEN_NAME, what)
+        if name is not None and name_node is not None:
+            if name in RESERVED_ACTORS:
+                reserved = f"{name!r} is reserved (the actor of changes no token makes)"
+                self.error(f"{path}.name", name_node, reserved)
+                name = None
+            elif name in first_name:
+                first = f"first at line {first_name[name]}"
+                self.error(f"{path}.name", name_node, f"duplicate token name {name!r} ({first})")
+                name = None
+            else:
+                first_name[name] = _line(name_node)
+        role = self.choice(self.required(fields, "role", path, node), f"{path}.role", TOKEN_ROLES)
+        secret = self.token_secret(fields, path, node)
+        if name is None or role is None or secret is None:
+            return None
+        return Token(name, secret, role)
+
+    def token_secret(self, fields: dict[str, Node], path: str, node: Node) -> str | None:
+        """One named token's secret, from exactly one of its token_env or token_file."""
+        env_node, file_node = fields.get("token_env"), fields.get("token_file")
+        if env_node is not None and file_node is not None:
+            self.error(path, file_node, "set token_env or token_file, not both")
+            return None
+        if env_node is not None:
+            env = self.text(env_node, f"{path}.token_env")
+            return None if env is None else self.env_token(env, env_node, f"{path}.token_env")
+        if file_node is not None:
+            file = self.text(file_node, f"{path}.token_file")
+            return None if file is None else self.file_token(file, file_node, f"{path}.token_file")
+        self.error(path, node, "needs token_env or token_file")
+        return None
 
     def control_listen(
         self, listen: Address, node: Node, data_listen: Address, tokenless: bool
@@ -669,25 +811,25 @@ class _Reader:
         if listen.port and listen == data_listen:
             self.error("control.listen", node, f"{listen} is also the data-plane listen")
 
-    def env_token(self, name: str, node: Node) -> str | None:
+    def env_token(self, name: str, node: Node, where: str = "control.token_env") -> str | None:
         what = f"environment variable {name}"
         if name not in os.environ:
-            self.error("control.token_env", node, f"{what} is not set")
+            self.error(where, node, f"{what} is not set")
             return None
-        return self.bearer_token(os.environ[name], what, "control.token_env", node)
+        return self.bearer_token(os.environ[name], what, where, node)
 
-    def file_token(self, name: str, node: Node) -> str | None:
+    def file_token(self, name: str, node: Node, where: str = "control.token_file") -> str | None:
         path = os.path.join(self.base_dir, os.path.expanduser(name))
         try:
             with open(path, encoding="utf-8") as file:
                 text = file.read()
         except OSError as err:
-            self.error("control.token_file", node, f"cannot read {path}: {err.strerror or err}")
+            self.error(where, node, f"cannot read {path}: {err.strerror or err}")
             return None
         except UnicodeDecodeError:
-            self.error("control.token_file", node, f"cannot read {path}: not UTF-8 text")
+            self.error(where, node, f"cannot read {path}: not UTF-8 text")
             return None
-        return self.bearer_token(text, f"token file {path}", "control.token_file", node)
+        return self.bearer_token(text, f"token file {path}", where, node)
 
     def bearer_token(self, raw: str, what: str, path: str, node: Node) -> str | None:
         token = raw.strip()
@@ -804,11 +946,13 @@ class _Reader:
         names = [version.name for version in versions] if versions else None
         baseline = self.version_ref(fields.get("baseline"), f"{path}.baseline", names)
         version_header = self.boolean(fields.get("version_header"), f"{path}.version_header")
+        baseline = _or(baseline, names[0] if names else "")
+        release = self.release(fields.get("release"), f"{path}.release", names, baseline)
         return Service(
             name=_or(name, ""),
             versions=versions or (),
             split=self.split(fields.get("split"), f"{path}.split", names),
-            baseline=_or(baseline, names[0] if names else ""),
+            baseline=baseline,
             match=self.service_match(fields.get("match"), f"{path}.match"),
             fallback=self.fallback(fields.get("fallback"), f"{path}.fallback", names),
             timeouts=self.timeouts(fields.get("timeouts"), f"{path}.timeouts", timeouts),
@@ -831,7 +975,56 @@ class _Reader:
                 fields.get("outlier_detection"), f"{path}.outlier_detection"
             ),
             retries=self.retries(fields.get("retries"), f"{path}.retries"),
+            source_digest=node_digest(node),
+            release=release,
+            mirror=self.mirror(fields.get("mirror"), f"{path}.mirror", names),
+            reroute_tunnels=self.reroute_tunnels(
+                fields.get("reroute_tunnels"), f"{path}.reroute_tunnels"
+            ),
         )
+
+    def release(
+        self, node: Node | None, path: str, names: list[str] | None, baseline: str
+    ) -> ReleaseSpec | None:
+        """A service's release, validated by the engine's own validator (the API's too); each
+        problem gets the line of the node at its path, or of the nearest one above it."""
+        if node is None:
+            return None
+        lines: dict[str, int] = {}
+        raw = self.plain(node, "", path, lines)
+        try:
+            return parse_release(raw, names, baseline)
+        except InvalidRelease as exc:
+            for where, message in exc.problems:
+                line = _nearest_line(lines, where)
+                self.errors.append((line, f"{_join(path, where)}: line {line}: {message}"))
+            return None
+
+    def plain(self, node: Node, relative: str, path: str, lines: dict[str, int]) -> object:
+        """The node as plain data (what a JSON body would be), noting each path's line;
+        duplicate and merge keys are errors here, like everywhere in the file."""
+        lines[relative] = _line(node)
+        if isinstance(node, SequenceNode):
+            return [
+                self.plain(item, f"{relative}[{index}]", f"{path}[{index}]", lines)
+                for index, item in enumerate(node.value)
+            ]
+        if isinstance(node, MappingNode):
+            entries = self.entries(node, path) or {}
+            return {
+                key: self.plain(value, _join(relative, key), _join(path, key), lines)
+                for key, (_, value) in entries.items()
+            }
+        assert isinstance(node, ScalarNode)
+        if node.tag == _INT:
+            return self.int_value(node, path)
+        if node.tag == _FLOAT:
+            return _SCALARS.construct_yaml_float(node)
+        if node.tag == _BOOL:
+            return _SCALARS.construct_yaml_bool(node)
+        if node.tag == _NULL:
+            return None
+        return str(node.value)
 
     def choice(self, node: Node | None, path: str, allowed: tuple[str, ...]) -> str | None:
         text = self.text(node, path)
@@ -891,6 +1084,51 @@ class _Reader:
         fields = self.fields(node, path, _RETRY_KEYS) or {}
         attempts = self.integer(fields.get("attempts"), f"{path}.attempts", 0)
         return Retries(attempts=_or(attempts, Retries().attempts))
+
+    def mirror(self, node: Node | None, path: str, names: list[str] | None) -> Mirror | None:
+        fields = self.fields(node, path, _MIRROR_KEYS)
+        if node is None or fields is None:
+            return None
+        to_node = self.required(fields, "to", path, node)
+        to = self.version_ref(to_node, f"{path}.to", names)
+        if to is not None and to_node is not None and names == [to]:
+            self.error(f"{path}.to", to_node, "the only version cannot mirror to itself")
+        percent = self.percent(fields.get("percent"), f"{path}.percent")
+        body = self.integer(fields.get("max_body_bytes"), f"{path}.max_body_bytes", 0)
+        in_flight = self.integer(fields.get("max_in_flight"), f"{path}.max_in_flight", 1)
+        default = Mirror("")
+        return Mirror(
+            to=_or(to, ""),
+            percent=_or(percent, default.percent),
+            max_body_bytes=_or(body, default.max_body_bytes),
+            max_in_flight=_or(in_flight, default.max_in_flight),
+        )
+
+    def percent(self, node: Node | None, path: str) -> float | None:
+        """A share in percent: a number from 0 to 100."""
+        if node is None:
+            return None
+        value: int | float | None
+        if isinstance(node, ScalarNode) and node.tag == _INT:
+            value = self.int_value(node, path)  # compared as an int: no overflow to float
+            if value is None:
+                return None
+        elif isinstance(node, ScalarNode) and node.tag == _FLOAT:
+            value = _SCALARS.construct_yaml_float(node)
+        else:
+            self.error(path, node, f"expected a number, got {_kind(node)}")
+            return None
+        if not 0 <= value <= 100:  # also refuses nan
+            self.error(path, node, "must be between 0 and 100")
+            return None
+        return float(value)
+
+    def reroute_tunnels(self, node: Node | None, path: str) -> RerouteTunnels | None:
+        fields = self.fields(node, path, _REROUTE_KEYS)
+        if node is None or fields is None:
+            return None
+        within = self.duration(fields.get("within"), f"{path}.within", positive=False)
+        return RerouteTunnels(within=_or(within, RerouteTunnels().within))
 
     def fallback(self, node: Node | None, path: str, names: list[str] | None) -> str | None:
         fallback = self.version_ref(node, path, names)

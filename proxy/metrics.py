@@ -8,6 +8,12 @@ with a custom collector that reads those counters.
 Every raw counter is a plain int, list or dict, and the one-minute window is
 keyed by whole seconds of the system-wide monotonic clock, so counters of
 several worker processes on one host can be summed slot by slot.
+
+A release's checks need the requests that finished in exactly one interval
+(say 200 ms): they come from lifetime counters read twice, ``cumulative()``
+at the interval's start and end, and ``between`` the two readings. The
+latency histogram this needs (``latency_counts``, on the window's 5 % buckets)
+costs ``observe`` one list increment.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+# How a mirrored request ended: the shadow answered the primary's status or
+# another one, failed, or was not sent (see proxy/mirror.py).
+MIRROR_OUTCOMES: Final = ("match", "mismatch", "error", "skipped")
 WINDOW_SECONDS: Final = 60
 
 
@@ -103,6 +112,34 @@ def duration_bucket(seconds: float, window: int) -> int:
     return _DURATION_BELOW[window] + (inside >= 0 and DURATION_BUCKETS[inside] < seconds)
 
 
+class Cumulative(NamedTuple):
+    """A version's lifetime counts at one moment: what ``between`` subtracts."""
+
+    requests: int
+    errors: int  # 5xx, upstream failures included (the client got 502/504)
+    latency_counts: tuple[int, ...]
+
+
+class IntervalStats(NamedTuple):
+    """The requests a version finished between two Cumulative readings."""
+
+    requests: int
+    errors: int
+    p99_ms: float  # 0.0 without requests
+
+
+def between(before: Cumulative, after: Cumulative) -> IntervalStats:
+    """What finished after ``before`` up to ``after`` (the same version, read twice). A
+    count that went down (the reader's counters were rebuilt) counts as nothing new."""
+    pairs = zip(after.latency_counts, before.latency_counts, strict=True)
+    latency = [max(0, later - earlier) for later, earlier in pairs]
+    return IntervalStats(
+        requests=max(0, after.requests - before.requests),
+        errors=max(0, after.errors - before.errors),
+        p99_ms=_quantile_ms(list(accumulate(latency)), 0.99),
+    )
+
+
 class StatsDump(NamedTuple):
     """Every counter of a VersionStats as plain values: picklable (a worker sends its own to
     the supervisor), and summed by VersionStats.absorb."""
@@ -117,6 +154,16 @@ class StatsDump(NamedTuple):
     slot_requests: list[int]
     slot_errors: list[int]
     slot_latency: list[list[int]]
+    latency_counts: list[int]
+    mirror: MirrorDump | None = None  # this version's shadow traffic, if any
+
+
+class MirrorDump(NamedTuple):
+    """A MirrorStats as plain values (see StatsDump)."""
+
+    outcomes: dict[str, int]
+    primary: StatsDump
+    shadow: StatsDump
 
 
 class VersionStats:
@@ -132,6 +179,8 @@ class VersionStats:
         "duration_buckets",
         "duration_sum",
         "fallbacks",
+        "latency_counts",
+        "mirror",
         "upstream_errors",
     )
 
@@ -143,11 +192,14 @@ class VersionStats:
         self.duration_sum = 0.0
         self.upstream_errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.fallbacks = 0
+        # Lifetime requests per window bucket (WINDOW_BOUNDS, then slower than 60 s).
+        self.latency_counts = [0] * _WINDOW_BUCKETS
         self._slot_second = [-1] * WINDOW_SECONDS  # which whole monotonic second a slot holds
         self._slot_requests = [0] * WINDOW_SECONDS
         self._slot_errors = [0] * WINDOW_SECONDS
         # Allocated when a slot is first used, so idle versions stay small.
         self._slot_latency: list[list[int]] = [[] for _ in range(WINDOW_SECONDS)]
+        self.mirror: MirrorStats | None = None  # created when this version is a mirror's shadow
 
     def __repr__(self) -> str:
         window = self.window()
@@ -162,6 +214,7 @@ class VersionStats:
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         window = window_bucket(seconds)
+        self.latency_counts[window] += 1
         self.duration_buckets[duration_bucket(seconds, window)] += 1
         self.duration_sum += seconds
         second = int(self._clock() if now is None else now)
@@ -205,6 +258,15 @@ class VersionStats:
             "p99_ms": _quantile_ms(cumulative, 0.99),
         }
 
+    def cumulative(self) -> Cumulative:
+        """The lifetime counts now; ``between`` two of them is one interval's requests."""
+        codes = self.codes
+        return Cumulative(
+            requests=sum(codes.values()),
+            errors=sum(count for code, count in codes.items() if code >= 500),
+            latency_counts=tuple(self.latency_counts),
+        )
+
     def dump(self) -> StatsDump:
         """Every counter as plain values, to be summed into another process's stats."""
         return StatsDump(
@@ -217,6 +279,8 @@ class VersionStats:
             slot_requests=list(self._slot_requests),
             slot_errors=list(self._slot_errors),
             slot_latency=[list(latency) for latency in self._slot_latency],
+            latency_counts=list(self.latency_counts),
+            mirror=self.mirror.dump() if self.mirror is not None else None,
         )
 
     def absorb(self, dump: StatsDump) -> None:
@@ -228,7 +292,12 @@ class VersionStats:
         for kind, count in dump.upstream_errors.items():
             self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + count
         self.fallbacks += dump.fallbacks
+        self.latency_counts = list(map(add, self.latency_counts, dump.latency_counts))
         self._absorb_window(dump)
+        if dump.mirror is not None:
+            if self.mirror is None:
+                self.mirror = MirrorStats(self._clock)
+            self.mirror.absorb(dump.mirror)
 
     def _absorb_window(self, dump: StatsDump) -> None:
         requests, errors, latencies = dump.slot_requests, dump.slot_errors, dump.slot_latency
@@ -249,6 +318,58 @@ class VersionStats:
         self._slot_latency[slot] = [0] * _WINDOW_BUCKETS
 
 
+class MirrorStats:
+    """The shadow traffic sent to one version: how each mirrored request ended
+    (lifetime counts by outcome), and the latencies of both sides (the last
+    minute, in VersionStats windows: the primary's for every request that was
+    mirrored, the shadow's for every shadow that answered)."""
+
+    __slots__ = ("outcomes", "primary", "shadow")
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.outcomes = dict.fromkeys(MIRROR_OUTCOMES, 0)
+        self.primary = VersionStats(clock)
+        self.shadow = VersionStats(clock)
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{name}={count}" for name, count in self.outcomes.items())
+        return f"<MirrorStats [{counts}]>"
+
+    def count(self, outcome: str) -> None:
+        """One request ended with `outcome` (one of MIRROR_OUTCOMES)."""
+        self.outcomes[outcome] += 1
+
+    def observe(self, status: int, seconds: float, now: float) -> None:
+        """A shadow answered `status` after `seconds`."""
+        self.shadow.observe(status, seconds, now)
+
+    def observe_primary(self, status: int, seconds: float, now: float) -> None:
+        """The primary of a mirrored request answered `status` after `seconds`."""
+        self.primary.observe(status, seconds, now)
+
+    def summary(self) -> dict[str, float | int]:
+        """The service JSON's mirror stats: lifetime counts, last-minute latencies."""
+        outcomes = self.outcomes
+        primary = self.primary.window()
+        shadow = self.shadow.window()
+        return {
+            "mirrored": outcomes["match"] + outcomes["mismatch"] + outcomes["error"],
+            **outcomes,
+            "primary_p50_ms": primary["p50_ms"],
+            "shadow_p50_ms": shadow["p50_ms"],
+            "shadow_p99_ms": shadow["p99_ms"],
+        }
+
+    def dump(self) -> MirrorDump:
+        return MirrorDump(dict(self.outcomes), self.primary.dump(), self.shadow.dump())
+
+    def absorb(self, dump: MirrorDump) -> None:
+        for outcome, count in dump.outcomes.items():
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + count
+        self.primary.absorb(dump.primary)
+        self.shadow.absorb(dump.shadow)
+
+
 def _quantile_ms(cumulative: list[int], q: float) -> float:
     """The upper bound, in ms, of the bucket holding the q-quantile."""
     total = cumulative[-1]
@@ -261,11 +382,12 @@ def _quantile_ms(cumulative: list[int], q: float) -> float:
 class Metrics:
     """All VersionStats of a worker, kept across reloads (counters never go backwards)."""
 
-    __slots__ = ("_clock", "_stats")
+    __slots__ = ("_clock", "_collectors", "_stats")
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        self._collectors: list[Collector] = []
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self._stats)} versions]>"
@@ -278,6 +400,13 @@ class Metrics:
             stats = self._stats[key] = VersionStats(self._clock)
         return stats
 
+    def mirror(self, service: str, version: str) -> MirrorStats:
+        """The stats of the shadow traffic to one version, created on first use."""
+        stats = self.version(service, version)
+        if stats.mirror is None:
+            stats.mirror = MirrorStats(self._clock)
+        return stats.mirror
+
     def dump(self) -> dict[tuple[str, str], StatsDump]:
         return {key: stats.dump() for key, stats in self._stats.items()}
 
@@ -288,14 +417,22 @@ class Metrics:
     def clear(self) -> None:
         self._stats = {}
 
+    def add_collector(self, collector: Collector) -> None:
+        """Render ``collector``'s families with every scrape too (the releases' state)."""
+        self._collectors.append(collector)
+
     def render(self, snapshot: Snapshot, endpoint_health: EndpointHealth | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every version's counters,
         and of every endpoint's health if ``endpoint_health`` is given."""
         for service in snapshot.config.services:
             for version in service.versions:
                 self.version(service.name, version.name)
+            if service.mirror is not None:
+                self.mirror(service.name, service.mirror.to)
         registry = CollectorRegistry()
         registry.register(_ScrapeCollector(self._stats, snapshot.config, endpoint_health))
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry)
 
 
@@ -340,6 +477,7 @@ class _ScrapeCollector(Collector):
                 upstream_errors.add_metric([service, version, kind], count)
             fallbacks.add_metric([service, version], stats.fallbacks)
         families = [requests, durations, upstream_errors, fallbacks, self._weights()]
+        families += self._mirrors()
         if self._endpoint_health is not None:
             families.append(self._endpoints_healthy(self._endpoint_health))
         return families
@@ -355,6 +493,30 @@ class _ScrapeCollector(Collector):
             for version, weight in service.split.weights.items():
                 weights.add_metric([service.name, version], 100 * weight / total if total else 0.0)
         return weights
+
+    def _mirrors(self) -> list[Metric]:
+        mirrors = CounterMetricFamily(
+            "grayproxy_mirror_total",
+            "Mirrored requests by outcome (version: the shadow's).",
+            labels=("service", "version", "outcome"),
+        )
+        durations = HistogramMetricFamily(
+            "grayproxy_mirror_duration_seconds",
+            "Duration of the shadow requests that were answered, in seconds.",
+            labels=("service", "version"),
+        )
+        for (service, version), stats in sorted(self._stats.items()):
+            mirror = stats.mirror
+            if mirror is None:
+                continue
+            for outcome, count in mirror.outcomes.items():
+                mirrors.add_metric([service, version, outcome], count)
+            durations.add_metric(
+                [service, version],
+                buckets=_cumulative_buckets(mirror.shadow.duration_buckets),
+                sum_value=mirror.shadow.duration_sum,
+            )
+        return [mirrors, durations]
 
     def _endpoints_healthy(self, endpoint_health: EndpointHealth) -> GaugeMetricFamily:
         healthy = GaugeMetricFamily(

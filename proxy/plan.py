@@ -24,6 +24,7 @@ from .http1 import (
     verbatim_head,
 )
 from .metrics import Metrics, VersionStats
+from .mirror import Mirroring, Mirrors
 from .routing import RequestView, Router
 from .state import Snapshot
 
@@ -71,14 +72,23 @@ class VersionTarget:
 
 
 class ServiceTarget:
-    __slots__ = ("fallback", "timeouts", "versions")
+    __slots__ = ("fallback", "keeps_view", "mirror", "name", "timeouts", "versions")
 
     def __init__(
-        self, versions: dict[str, VersionTarget], fallback: str | None, timeouts: Timeouts
+        self,
+        versions: dict[str, VersionTarget],
+        fallback: str | None,
+        timeouts: Timeouts,
+        name: str = "",
     ) -> None:
         self.versions = versions
         self.fallback = versions[fallback] if fallback else None
         self.timeouts = timeouts
+        self.name = name
+        self.mirror: Mirroring | None = None  # its shadow traffic, if it has a mirror
+        # Its plans keep the request's routing facts (Plan.view): for the mirror's
+        # choice, and for its tunnels when they follow the split.
+        self.keeps_view = False
 
 
 class RoutingTable:
@@ -86,7 +96,13 @@ class RoutingTable:
 
     __slots__ = ("router", "services", "snapshot")
 
-    def __init__(self, snapshot: Snapshot, upstreams: Upstreams, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        mirrors: Mirrors | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.router: Router = snapshot.router
         self.services: dict[str, ServiceTarget] = {}
@@ -101,9 +117,15 @@ class RoutingTable:
                 )
                 for v in service.versions
             }
-            self.services[service.name] = ServiceTarget(
-                versions, service.fallback, service.timeouts
+            target = self.services[service.name] = ServiceTarget(
+                versions, service.fallback, service.timeouts, service.name
             )
+            if service.mirror is not None and mirrors is not None:
+                balancer = versions[service.mirror.to].balancer
+                target.mirror = mirrors.mirroring(service, balancer, metrics)
+            target.keeps_view = target.mirror is not None or service.reroute_tunnels is not None
+        if mirrors is not None:
+            mirrors.follow(snapshot.config)
 
 
 class Plan:
@@ -122,6 +144,7 @@ class Plan:
         "set_cookie",
         "target",
         "upgrade",
+        "view",
         "want_continue",
     )
 
@@ -139,6 +162,7 @@ class Plan:
         self.set_cookie: str | None = None  # a sticky cookie to set on the response
         self.reason = ""  # why this version: rule=N, split;key=SOURCE, split;random
         self.head = b""  # the request head to send upstream
+        self.view: RequestView | None = None  # kept only if the service keeps_view
 
     def __repr__(self) -> str:
         where = self.target.name if self.target is not None else None
@@ -234,3 +258,5 @@ def _route(plan: Plan, table: RoutingTable, host: str, view: RequestView) -> Non
     version, plan.set_cookie, plan.reason = service_router.decide(view)
     plan.service = service
     plan.target = service.versions[version]
+    if service.keeps_view:
+        plan.view = view

@@ -2,7 +2,9 @@
 
 With `workers: 1` this process serves data itself. With more, it becomes the
 supervisor (proxy/workers.py): it keeps the control API and the live state,
-and N worker processes serve data on the shared port.
+and N worker processes serve data on the shared port. The process that owns the
+live state (the one process, or the supervisor) is the only one that restores
+and writes the state file; workers follow the supervisor.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ async def serve(
 
 async def serve_alone(config: Config, config_path: str | None, as_in_file: Config) -> int:
     state = LiveState(config, config_path, as_in_file=as_in_file)
+    if config.state_file is not None:
+        state.attach_state_file(config.state_file)  # before the first request is routed
     data = await DataServer.start(state)
     plane = data.plane
     runner = await start_control(
@@ -81,6 +85,7 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
     log.info("draining (up to %gs)", state.snapshot.config.drain_timeout)  # as last reloaded
     await data.drain()
     await runner.cleanup()
+    await state.flush()
     log.info("stopped")
     return 0
 
@@ -88,6 +93,8 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
 async def serve_supervised(config: Config, config_path: str | None, as_in_file: Config) -> int:
     config, port_holder = reserve_port(config)
     state = LiveState(config, config_path, as_in_file=as_in_file)
+    if config.state_file is not None:
+        state.attach_state_file(config.state_file)  # before the workers get their config
     metrics = Metrics()
     supervisor = Supervisor(state, metrics, config.workers)
     try:
@@ -116,6 +123,7 @@ async def serve_supervised(config: Config, config_path: str | None, as_in_file: 
     log.info("draining (up to %gs)", drain_timeout)
     await supervisor.stop(drain_timeout)
     await runner.cleanup()
+    await state.flush()
     if port_holder is not None:
         port_holder.close()
     log.info("stopped")
@@ -172,7 +180,7 @@ async def until_stopped(state: LiveState) -> None:
 async def reload_from_signal(state: LiveState) -> None:
     """Reload like POST /api/v1/reload (parsed in a thread); the outcome goes to the log."""
     try:
-        snapshot = await state.reload()
+        snapshot = await state.reload(actor="signal")
     except ConfigError as exc:
         log.error("reload refused, running config kept:\n  %s", "\n  ".join(exc.errors))
     except Exception:

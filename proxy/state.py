@@ -23,18 +23,31 @@ weights, as a reload always does. The generation rises once per applied
 change, the reload's swap after every change it carries; the Router is then
 rebuilt on the loop (a carry is rare, and routing a config is cheap next to
 parsing it).
+
+Change safety (docs/change-safety.md): every applied change (weights, promote,
+rollback, reload, and what other modules report through ``record``) raises the
+generation by one, leaves an AuditRecord (proxy/audit.py) and, with a state file
+attached, is written to it (proxy/statefile.py). A change made under an
+If-Match (``IF_MATCH``, set by the control API for its request) is checked
+against the generation in the same synchronous step that applies it, after the
+change was validated and with no await in between: nothing can land between the
+check and the swap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
+from proxy import statefile
+from proxy.audit import AuditLog, AuditRecord, now_text
 from proxy.config import Config, ConfigError, Service, check_weights
 from proxy.errors import UnknownService
 from proxy.loader import load_config
@@ -42,7 +55,57 @@ from proxy.routing import Router
 
 log = logging.getLogger(__name__)
 
-STATIC_SETTINGS = ("listen", "workers", "control", "tls")
+STATIC_SETTINGS = ("listen", "workers", "control", "tls", "state_file")
+DEFAULT_ACTOR = "admin"  # who changes things when the control API has no token
+
+
+class PreconditionFailed(Exception):
+    """A change asked for under an If-Match the live generation no longer matches;
+    nothing was changed."""
+
+    def __init__(self, condition: str, generation: int) -> None:
+        super().__init__(f"If-Match {condition} does not match generation {generation}")
+        self.condition = condition
+        self.generation = generation
+
+
+@dataclass(slots=True)
+class Precondition:
+    """An If-Match: the generations a change was based on (None: ``*``, any).
+
+    The first change applied in its context checks it, and settles it: the other
+    changes of the same request (an abort, then weights) are part of that change.
+    Only changes made by ``task`` (the request's own) are checked: a task the
+    handler starts inherits the context, and its later changes are not the request's."""
+
+    condition: str  # as the client sent it, for the message
+    generations: frozenset[int] | None
+    settled: bool = False
+    task: object = None  # the asyncio task of the request; None: any
+
+    def holds(self, generation: int) -> bool:
+        return self.generations is None or generation in self.generations
+
+
+# The If-Match of the control-API request being handled, if any (proxy/control.py sets it).
+IF_MATCH: ContextVar[Precondition | None] = ContextVar("grayproxy_if_match", default=None)
+
+
+def check_precondition(generation: int) -> None:
+    """Raise PreconditionFailed if the change about to apply on ``generation`` was asked
+    for under an If-Match that does not hold; call with no await before the swap."""
+    precondition = IF_MATCH.get()
+    if precondition is None or precondition.settled:
+        return
+    if precondition.task is not None and precondition.task is not _current_task():
+        return
+    if not precondition.holds(generation):
+        raise PreconditionFailed(precondition.condition, generation)
+    precondition.settled = True
+
+
+# Adjusts a reloaded config before the swap: (the config to swap in, warnings to add).
+ReloadHook = Callable[[Config], tuple[Config, list[str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +142,11 @@ class LiveState:
         self._reloading = asyncio.Lock()
         # Service name -> generation of its last runtime weight change (reloads carry later ones).
         self._weights_changed_at: dict[str, int] = {}
+        self.audit = AuditLog()
+        self._writer: statefile.StateFileWriter | None = None
+        self._persisted: dict[str, Callable[[], object]] = {}
+        self._restored: dict[str, object] = {}
+        self._reload_hooks: list[ReloadHook] = []
 
     def __repr__(self) -> str:
         snapshot = self.snapshot
@@ -91,6 +159,11 @@ class LiveState:
         """Call ``callback(snapshot)`` after every swap."""
         self._subscribers.append(callback)
 
+    def on_reload(self, hook: ReloadHook) -> None:
+        """Let ``hook(config)`` adjust every config a reload is about to swap in (an active
+        release keeps its weights): it returns the config to swap in and warnings to add."""
+        self._reload_hooks.append(hook)
+
     def service(self, name: str) -> Service:
         """The live service called ``name``; UnknownService if there is none."""
         for service in self.snapshot.config.services:
@@ -98,27 +171,140 @@ class LiveState:
                 return service
         raise UnknownService(name)
 
-    def set_weights(self, service: str, raw: object) -> Snapshot:
+    def set_weights(self, service: str, raw: object, *, actor: str = DEFAULT_ACTOR) -> Snapshot:
         """Replace the split weights of one service; ConfigError if ``raw`` is invalid."""
         current = self.service(service)
-        return self._replace_weights(current, check_weights(current, raw))
+        return self._replace_weights(current, check_weights(current, raw), "weights", actor)
 
-    def promote(self, service: str, version: object) -> Snapshot:
+    def promote(self, service: str, version: object, *, actor: str = DEFAULT_ACTOR) -> Snapshot:
         """Send all of the service's traffic to ``version``."""
         current = self.service(service)
         names = [v.name for v in current.versions]
         if version not in names:
             raise ConfigError([f"version: unknown version {version!r}; known: {', '.join(names)}"])
-        return self._replace_weights(current, _all_to(names, str(version)))
+        return self._replace_weights(current, _all_to(names, str(version)), "promote", actor)
 
-    def rollback(self, service: str) -> Snapshot:
+    def rollback(self, service: str, *, actor: str = DEFAULT_ACTOR) -> Snapshot:
         """Send all of the service's traffic back to its baseline."""
         current = self.service(service)
-        return self._replace_weights(
-            current, _all_to([v.name for v in current.versions], current.baseline)
+        weights = _all_to([v.name for v in current.versions], current.baseline)
+        return self._replace_weights(current, weights, "rollback", actor)
+
+    def record(
+        self, action: str, service: str | None, before: object, after: object, actor: str
+    ) -> Snapshot:
+        """An applied change that is not a weight change (a release's transition): the
+        generation rises by one, the audit records it, the state file gets it.
+
+        ``before`` and ``after`` must be JSON values (they are copied); TypeError if not."""
+        before, after = _json_copy(before), _json_copy(after)
+        snapshot = self.snapshot
+        check_precondition(snapshot.generation)
+        changed = self._swap(snapshot.config, snapshot.warnings, router=snapshot.router)
+        self._audited(changed, action, service, before, after, actor)
+        return changed
+
+    # ---------------------------------------------------------------- the state file
+
+    def attach_state_file(self, path: str) -> None:
+        """Restore what the state file at ``path`` holds, and write it after every change
+        from now on. Call once, at start, before serving and before other modules call
+        ``restored``. An unusable file is logged and left for the next write to replace."""
+        statefile.remove_leftovers(path)
+        self._writer = statefile.StateFileWriter(path, self._saved_state)
+        try:
+            saved = statefile.read(path)
+        except statefile.StateFileError as exc:
+            log.error(
+                "state file %s: cannot be used: %s; starting from the config file's state",
+                path,
+                exc,
+            )
+            return
+        if saved is None:
+            log.info("state file %s: none yet; it is written at the first change", path)
+            return
+        self._restore(path, saved)
+
+    def add_persisted(self, name: str, dump: Callable[[], object]) -> None:
+        """Keep section ``name`` in the state file: ``dump()`` is called on the event loop at
+        every write and returns a JSON value that it does not change afterwards."""
+        self._persisted[name] = dump
+
+    def restored(self, name: str) -> object | None:
+        """What the state file held for section ``name`` at start, or None."""
+        return self._restored.get(name)
+
+    async def written(self, generation: int) -> None:
+        """Return once the state file holds ``generation`` or newer (a write was attempted);
+        at once without a state file."""
+        if self._writer is not None:
+            await self._writer.written(generation)
+
+    async def flush(self) -> None:
+        """Wait for the state file writes asked for so far (at shutdown)."""
+        if self._writer is not None:
+            await self._writer.flush()
+
+    def _restore(self, path: str, saved: statefile.SavedState) -> None:
+        self.audit.restore(saved.audit)
+        self._restored = dict(saved.sections)
+        current = self.snapshot
+        restored = statefile.restore_weights(current.config.services, saved.services)
+        for message in restored.messages:
+            log.warning("state file %s: %s", path, message)
+        config = replace(current.config, services=restored.services)
+        # One more than the file's: what a client saw before the restart is never shown again
+        # for a state that may differ (the config file may have won for some service).
+        generation = max(saved.generation, current.generation) + 1
+        snapshot = self._swap(config, current.warnings, generation)
+        before = {"generation": saved.generation}
+        after = {
+            "generation": generation,
+            "restored": list(restored.kept),
+            "config_file_wins": list(restored.config_wins),
+        }
+        log.info(
+            "state file %s: restored generation %d (weights of %s); now generation %d",
+            path,
+            saved.generation,
+            ", ".join(restored.kept) or "no service",
+            generation,
+        )
+        self._audited(snapshot, "restart", None, before, after, "file")
+
+    def _saved_state(self) -> statefile.SavedState:
+        snapshot = self.snapshot
+        services = {
+            service.name: statefile.SavedService(service.source_digest, service.split.weights)
+            for service in snapshot.config.services
+        }
+        sections = dict(self._restored)  # a section no module claims (yet) is kept as it was
+        for name, dump in self._persisted.items():
+            try:
+                sections[name] = dump()
+            except Exception:
+                log.exception("state file: section %r could not be saved", name)
+        return statefile.SavedState(
+            snapshot.generation, services, tuple(self.audit.records()), sections
         )
 
-    async def reload(self) -> Snapshot:
+    def _audited(
+        self,
+        snapshot: Snapshot,
+        action: str,
+        service: str | None,
+        before: object,
+        after: object,
+        actor: str,
+    ) -> None:
+        """Record the change that made ``snapshot``, and have the state file written."""
+        record = AuditRecord(snapshot.generation, now_text(), actor, action, service, before, after)
+        self.audit.add(record)
+        if self._writer is not None:
+            self._writer.schedule(snapshot.generation)
+
+    async def reload(self, *, actor: str = DEFAULT_ACTOR) -> Snapshot:
         """Re-read the config file; its weights replace runtime weight changes made before.
 
         The file is read, parsed and validated, and its Router built, in a thread;
@@ -135,7 +321,18 @@ class LiveState:
         async with self._reloading:
             with loop_first():
                 loaded, router = await asyncio.to_thread(load_and_route, path)
-            return self._adopt(loaded, router, asked_at)
+            check_precondition(self.snapshot.generation)
+            before = self.snapshot
+            snapshot = self._adopt(loaded, router, asked_at)
+            self._audited(
+                snapshot,
+                "reload",
+                None,
+                {"generation": before.generation},
+                _reload_summary(before, snapshot),
+                actor,
+            )
+            return snapshot
 
     def install(self, config: Config, generation: int, router: Router | None = None) -> Snapshot:
         """Adopt a config decided elsewhere: a worker following its supervisor.
@@ -166,6 +363,11 @@ class LiveState:
             config = replace(config, services=services)
             router = Router(services)
             warnings += carried
+        for hook in self._reload_hooks:
+            adjusted, more = hook(config)
+            if adjusted is not config:
+                config, router = adjusted, Router(adjusted.services)
+            warnings += more
         for warning in warnings:
             log.warning("reload: %s", warning)
         names = {service.name for service in config.services}
@@ -176,12 +378,21 @@ class LiveState:
         }
         return self._swap(config, tuple(warnings), router=router)
 
-    def _replace_weights(self, service: Service, weights: dict[str, float]) -> Snapshot:
+    def _replace_weights(
+        self,
+        service: Service,
+        weights: dict[str, float],
+        action: str = "weights",
+        actor: str = DEFAULT_ACTOR,
+    ) -> Snapshot:
+        check_precondition(self.snapshot.generation)
         new_service = replace(service, split=replace(service.split, weights=weights))
         config = self.snapshot.config
         services = tuple(new_service if s is service else s for s in config.services)
         snapshot = self._swap(replace(config, services=services), self.snapshot.warnings)
         self._weights_changed_at[service.name] = snapshot.generation
+        before, after = _weights_json(service.split.weights), _weights_json(weights)
+        self._audited(snapshot, action, service.name, before, after, actor)
         return snapshot
 
     def _swap(
@@ -226,6 +437,38 @@ def _with_certificates(config: Config, loaded: Config) -> Config:
     if control.tls is not None and loaded.control.tls is not None:
         config = replace(config, control=replace(control, tls=loaded.control.tls))
     return config
+
+
+def _current_task() -> object:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop running
+        return None
+
+
+def _weights_json(weights: Mapping[str, float]) -> dict[str, float | int]:
+    """90.0 reads as 90, 12.5 stays 12.5 (as the control API shows weights)."""
+    return {name: int(w) if float(w).is_integer() else w for name, w in weights.items()}
+
+
+def _json_copy(value: object) -> object:
+    """A JSON value that no caller can change afterwards."""
+    copied: object = json.loads(json.dumps(value))
+    return copied
+
+
+def _reload_summary(before: Snapshot, after: Snapshot) -> dict[str, object]:
+    """A reload's audit ``after``: its generation, which services it added, removed or
+    changed (anything in them, weights included), and its warnings."""
+    old = {service.name: service for service in before.config.services}
+    new = {service.name: service for service in after.config.services}
+    return {
+        "generation": after.generation,
+        "added": [name for name in new if name not in old],
+        "removed": [name for name in old if name not in new],
+        "changed": [name for name in new if name in old and new[name] != old[name]],
+        "warnings": list(after.warnings),
+    }
 
 
 def _all_to(names: list[str], chosen: str) -> dict[str, float]:

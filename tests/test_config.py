@@ -110,6 +110,7 @@ NEEDS_USER_FILES = frozenset({"tls-gateway.yaml"})
 )
 def test_every_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAYPROXY_TOKEN", "example-token")  # gateway.yaml needs it
+    monkeypatch.setenv("GRAYPROXY_READ_TOKEN", "example-read-token")  # team.yaml's read token
     config = load_config(str(path))
     assert config.services
     assert config.source == str(path)

@@ -13,9 +13,12 @@ from proxy.config import Address, Config, Service, Split, Version
 from proxy.metrics import (
     DURATION_BUCKETS,
     WINDOW_BOUNDS,
+    Cumulative,
+    IntervalStats,
     Metrics,
     StatsDump,
     VersionStats,
+    between,
     duration_bucket,
     window_bucket,
 )
@@ -281,3 +284,53 @@ def test_an_older_dump_does_not_overwrite_a_newer_window_slot() -> None:
     old.absorb(new.dump())  # the newer second takes the slot over
     window = old.window()
     assert (window["requests"], window["errors"]) == (1, 0)
+
+
+def test_an_interval_counts_only_the_requests_that_finished_in_it() -> None:
+    stats = VersionStats(FakeClock())
+    for _ in range(50):
+        stats.observe(200, 0.5)  # slow, but before the interval
+    start = stats.cumulative()
+    for _ in range(97):
+        stats.observe(200, 0.002)
+    stats.observe(404, 0.002)  # a 4xx is a request, not an error
+    stats.observe(502, 0.010)  # an upstream failure, as the client got it
+    stats.observe(504, 0.010)
+    end = stats.cumulative()
+    interval = between(start, end)
+    assert (interval.requests, interval.errors) == (100, 2)
+    # The 99th of 100 requests is one of the two at 10 ms (within the 5 % bucket step).
+    assert 10.0 <= interval.p99_ms <= 10.5
+    assert between(end, end) == IntervalStats(0, 0, 0.0)
+    assert end.requests == 150 and end.errors == 2
+
+
+def test_the_p99_of_an_interval_is_the_bucket_bound_holding_it() -> None:
+    stats = VersionStats(FakeClock())
+    start = stats.cumulative()
+    latencies = [random.uniform(0.001, 0.050) for _ in range(1000)]
+    for seconds in latencies:
+        stats.observe(200, seconds)
+    p99 = sorted(latencies)[989] * 1000
+    assert p99 <= between(start, stats.cumulative()).p99_ms <= p99 * 1.05 + 1e-9
+
+
+def test_counts_that_went_down_count_as_nothing_new() -> None:
+    before = Cumulative(10, 3, (5, 5))
+    after = Cumulative(4, 1, (2, 2))  # e.g. a reader whose counters were rebuilt
+    assert between(before, after) == IntervalStats(0, 0, 0.0)
+
+
+def test_lifetime_latency_counts_sum_over_workers() -> None:
+    clock = FakeClock()
+    mine, theirs = VersionStats(clock), VersionStats(clock)
+    start = mine.cumulative()
+    mine.observe(200, 0.001)
+    theirs.observe(500, 0.3)
+    dump = pickle.loads(pickle.dumps(theirs.dump()))
+    assert sum(dump.latency_counts) == 1
+    mine.absorb(dump)
+    interval = between(start, mine.cumulative())
+    assert (interval.requests, interval.errors) == (2, 1)
+    assert 300.0 <= interval.p99_ms <= 315.0
+    assert sum(mine.latency_counts) == 2
