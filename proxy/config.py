@@ -76,6 +76,7 @@ class Rule:
     path_prefix: str | None = None
     methods: frozenset[str] = frozenset()  # upper-case
     sources: tuple[IPNetwork, ...] = ()
+    name: str | None = None  # shown in the decision trace: rule=N;name=NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class Service:
     health_check: HealthCheck | None = None  # None: no active checks
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
+    decision_header: bool = False  # x-grayproxy-decision on responses
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,17 @@ class Control:
     token: str | None = None  # resolved at load from token_env / token_file
     token_env: str | None = None
     token_file: str | None = None
+
+
+ACCESS_LOG_FORMATS = ("json",)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """One JSON line per request (proxy/accesslog.py)."""
+
+    path: str  # "-" for stdout, else an absolute file path
+    format: str = "json"  # one of ACCESS_LOG_FORMATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +190,7 @@ class Config:
     limits: Limits = Limits()
     drain_timeout: float = 30.0
     headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
+    access_log: AccessLog | None = None  # None: off
     source: str = field(default="<string>", compare=False)
 
 
