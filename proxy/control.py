@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.config import ConfigError, FieldMatch, Rule, Service, Split
-from proxy.errors import ControlRefused, InvalidRequest
+from proxy.errors import ControlRefused, InvalidRequest, UnknownService
+from proxy.explain import explain, read_facts
 from proxy.metrics import EndpointHealth, Metrics
 from proxy.state import LiveState
 
@@ -50,6 +51,7 @@ def create_app(
             web.put("/api/v1/services/{name}/weights", api.set_weights),
             web.post("/api/v1/services/{name}/promote", api.promote),
             web.post("/api/v1/services/{name}/rollback", api.rollback),
+            web.post("/api/v1/services/{name}/explain", api.explain),
             web.post("/api/v1/reload", api.reload),
             web.get("/healthz", api.healthz),
             web.get("/readyz", api.readyz),
@@ -168,6 +170,26 @@ class _ControlAPI:
         self._state.rollback(name)
         return self._service_response(name)
 
+    async def explain(self, request: web.Request) -> web.Response:
+        """Which version the data path would choose for a request, and why (explain.py)."""
+        name = request.match_info["name"]
+        self._state.service(name)  # an unknown service is a 404 whatever the body
+        facts = read_facts(await _json_body(request))
+        await self._fresh()  # endpoint health, from every worker
+        snapshot = self._state.snapshot  # once: the router and the health of one config
+        try:
+            router = snapshot.router.service(name)
+        except KeyError:  # a reload removed it meanwhile
+            raise UnknownService(name) from None
+        versions = {version.name: version for version in router.service.versions}
+
+        def has_endpoint(version: str) -> bool:
+            addresses = versions[version].endpoints
+            return any(self._endpoint_health(name, version, a) for a in addresses)
+
+        underscores = snapshot.config.headers_with_underscores
+        return web.json_response(explain(router, facts, underscores, has_endpoint))
+
     async def reload(self, request: web.Request) -> web.Response:
         snapshot = await self._state.reload()  # parsed in a thread: the loop keeps serving
         return web.json_response(
@@ -231,7 +253,10 @@ def _rule_json(rule: Rule) -> dict[str, object]:
         match["method"] = sorted(rule.methods)
     if rule.sources:
         match["source"] = [str(network) for network in rule.sources]
-    return {"match": match, "version": rule.version}
+    rule_json: dict[str, object] = {"match": match, "version": rule.version}
+    if rule.name is not None:
+        rule_json["name"] = rule.name
+    return rule_json
 
 
 def _field_json(field: FieldMatch) -> dict[str, object]:
