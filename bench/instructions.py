@@ -12,6 +12,7 @@ difference divided by the extra requests: the startup cost cancels out.
         # (cd /tmp/base && /path/to/.venv/bin/python setup.py -q build_ext --inplace)
     python -m bench.instructions --functions 20        # and where they go, per compiled function
     python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
+    python -m bench.instructions --access-log --decision-header   # with both on
 
 It sends what `make bench` sends (wrk's request head, the realistic config,
 nginx's response head). Counts are user-space instructions of the proxy process
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.configs import USER_AGENT, Shape, Upstreams, grayproxy_yaml
@@ -71,14 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rules", type=int, default=0, help="unmatched rules (0: the four realistic ones)"
     )
+    parser.add_argument(
+        "--access-log", action="store_true", help="with the JSON access log on, to a file"
+    )
+    parser.add_argument("--decision-header", action="store_true", help="with decision_header: true")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
     shape = Shape(args.services, args.endpoints, args.rules, gateway=args.services > 1)
     ports = start_upstreams(args.endpoints)
-    few, few_functions = instructions(args.source, ports, shape, 200)
-    many, many_functions = instructions(args.source, ports, shape, 200 + args.requests)
+    options = Options(args.access_log, args.decision_header)
+    few, few_functions = instructions(args.source, ports, shape, 200, options)
+    many, many_functions = instructions(args.source, ports, shape, 200 + args.requests, options)
     per_request = (many - few) / args.requests
     print(f"{args.source}: {per_request:,.0f} instructions per request")
     costs = {
@@ -90,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.functions and not costs:
         print("no compiled function seen: is it built? (see docs/development.md)")
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Features to switch on in the config (all off: what `make bench` runs)."""
+
+    access_log: bool = False
+    decision_header: bool = False
+
+    def apply(self, yaml: str, workdir: Path) -> str:
+        if self.decision_header:
+            yaml = yaml.replace(
+                "    baseline: stable\n", "    baseline: stable\n    decision_header: true\n"
+            )
+        if self.access_log:
+            yaml += f'access_log: {{path: "{workdir / "access.log"}"}}\n'
+        return yaml
 
 
 def start_upstreams(count: int) -> tuple[int, ...]:
@@ -115,7 +139,11 @@ def start_upstreams(count: int) -> tuple[int, ...]:
 
 
 def instructions(
-    source: Path, ports: tuple[int, ...], shape: Shape, requests: int
+    source: Path,
+    ports: tuple[int, ...],
+    shape: Shape,
+    requests: int,
+    options: Options = Options(),
 ) -> tuple[int, dict[str, int]]:
     """Total instructions of one proxy run that served `requests` requests, and
     those of each compiled function, callees included."""
@@ -123,7 +151,7 @@ def instructions(
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
         upstreams = Upstreams(stable=ports, canary=ports)
-        config.write_text(grayproxy_yaml(data, control, upstreams, shape))
+        config.write_text(options.apply(grayproxy_yaml(data, control, upstreams, shape), Path(tmp)))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",
