@@ -66,6 +66,7 @@ class LogWriter:
         "_handed",
         "_lines",
         "_lost",
+        "_max_pending",
         "_pipe",
         "_queue",
         "_reported",
@@ -77,8 +78,9 @@ class LogWriter:
         "wall_offset",
     )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_pending: int = MAX_PENDING_CHARS) -> None:
         self.path = path
+        self._max_pending = max_pending
         self.dropped = 0  # lines not taken: the buffer was full
         self._lines: list[str] = []  # gathered since the last hand-over
         self._buffered = 0  # characters in _lines
@@ -106,7 +108,7 @@ class LogWriter:
         """Take one line (ending in a newline), or count it dropped when the
         lines not yet written already hold MAX_PENDING_CHARS characters."""
         size = len(line)
-        if self._handed - self._written + self._buffered + size > MAX_PENDING_CHARS:
+        if self._handed - self._written + self._buffered + size > self._max_pending:
             self.dropped += 1
             return
         self._lines.append(line)
@@ -149,10 +151,10 @@ class LogWriter:
             return
         total = self.dropped + self._lost
         log.warning(
-            "access log %s: %d lines dropped so far (writes fell %d MiB behind, or failed)",
+            "access log %s: %d lines dropped so far (writes fell %d KiB behind, or failed)",
             self.path,
             total,
-            MAX_PENDING_CHARS // (1024 * 1024),
+            self._max_pending // 1024,
         )
         self._reported = total
         self._reported_at = now
@@ -213,7 +215,9 @@ def write_all(fd: int, data: bytes) -> None:
     takes less (a full disk, a signal, a pipe's limit)."""
     view = memoryview(data)
     while len(view):
-        view = view[os.write(fd, view) :]
+        # Not view[os.write(...):]: compiled, mypyc evaluates a slice's bound twice.
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def pipe_pieces(data: bytes, limit: int) -> list[bytes]:
@@ -323,7 +327,8 @@ def format_line(
 ) -> str:
     """One access log line, newline included. `started` is the request's start
     (time.time()); `duration` and `upstream` are seconds, `upstream` negative
-    when no upstream was tried; `*_json` are JSON already (`quoted`,
+    when no upstream was tried; `request_id` is visible ASCII (requestid.py
+    keeps no other); `*_json` are JSON already (`quoted`,
     `quoted_method`), and `names` the service and version fields (`names_json`,
     or NO_NAMES). Fields in a fixed order."""
     second = int(started)

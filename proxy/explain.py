@@ -11,7 +11,8 @@ the service's fallback, and the decision says so (`;fallback=VERSION`).
 What only the real request can know is said, not guessed:
 - A keyless request whose version is drawn at random (`split;random`), or
   that gets a new random sticky key (`split;key=sticky` with no cookie yet):
-  `version` is null, `random` true, and `chances` gives each version's share.
+  `version` is null, `random` true, and `chances` gives each version's share
+  (unless one version has all the weight: the draw can only pick it).
 - Endpoint health is the proxy's current view (health checks and ejections;
   with several workers, an endpoint counts as down when any worker has it
   ejected). A real request whose connects fail at that moment may still move
@@ -142,7 +143,8 @@ def explain(
         ) from None
     version, new_sticky_cookie, reason = router.decide(view)
     service = router.service
-    if reason == RANDOM or new_sticky_cookie is not None:
+    drawn = reason == RANDOM or new_sticky_cookie is not None
+    if drawn and sum(weight > 0 for weight in service.split.weights.values()) > 1:
         how = "a new sticky key drawn" if new_sticky_cookie else "a draw"
         return {
             "version": None,
