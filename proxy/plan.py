@@ -91,19 +91,14 @@ class VersionTarget:
 
 
 class ServiceTarget:
-    __slots__ = ("fallback", "name", "timeouts", "versions")
+    __slots__ = ("fallback", "timeouts", "versions")
 
     def __init__(
-        self,
-        versions: dict[str, VersionTarget],
-        fallback: str | None,
-        timeouts: Timeouts,
-        name: str = "",
+        self, versions: dict[str, VersionTarget], fallback: str | None, timeouts: Timeouts
     ) -> None:
         self.versions = versions
         self.fallback = versions[fallback] if fallback else None
         self.timeouts = timeouts
-        self.name = name
 
 
 class RoutingTable:
@@ -129,7 +124,7 @@ class RoutingTable:
                 for v in service.versions
             }
             self.services[service.name] = ServiceTarget(
-                versions, service.fallback, service.timeouts, service.name
+                versions, service.fallback, service.timeouts
             )
 
 
