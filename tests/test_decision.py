@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from proxy.config import ConfigError
 from proxy.loader import parse_config
 from proxy.routing import hash_version
 
@@ -202,6 +203,35 @@ services:
         response = send(proxy, "/x")
     assert response.status == 502
     assert response.headers["x-grayproxy-decision"] == "split;random"
+
+
+def test_rule_names_and_the_decision_header_are_checked_at_load() -> None:
+    text = """
+services:
+  - name: web
+    decision_header: "yes"
+    versions: {a: {endpoints: ["127.0.0.1:9"]}}
+    rules:
+      - name: "has space"
+        version: a
+      - name: ok.name_1
+        version: a
+"""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text)
+    assert refused.value.errors == [
+        "services[0].decision_header: line 4: expected true or false, got a string",
+        "services[0].rules[0].name: line 7: 'has space': rule names may only contain "
+        "A-Z, a-z, 0-9, '_', '.' and '-'",
+    ]
+    fixed = parse_config(text.replace('"yes"', "true").replace('"has space"', "first"))
+    assert [rule.name for rule in fixed.services[0].rules] == ["first", "ok.name_1"]
+
+
+def test_the_service_json_shows_rule_names(proxy: ProxyProcess) -> None:
+    with DIRECT.open(f"{proxy.control_url}/api/v1/services/keyed", timeout=10) as response:
+        rules = json.loads(response.read())["rules"]
+    assert [rule.get("name") for rule in rules] == [None, "qa-team", "office"]
 
 
 # --------------------------------------------------------------------------- explain
