@@ -19,6 +19,8 @@ HOT_PATH = [
     "proxy/errors.py",
     "proxy/http1.py",
     "proxy/routing.py",
+    "proxy/requestid.py",
+    "proxy/accesslog.py",
     "proxy/metrics.py",
     "proxy/plan.py",
     "proxy/upstream.py",

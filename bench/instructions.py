@@ -13,6 +13,7 @@ difference divided by the extra requests: the startup cost cancels out.
     python -m bench.instructions --functions 20        # and where they go, per compiled function
     python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
     python -m bench.instructions --tls                 # HTTPS at the listener (openssl's cert)
+    python -m bench.instructions --access-log --decision-header   # with both on
 
 It sends what `make bench` sends (wrk's request head, the realistic config,
 nginx's response head). Counts are user-space instructions of the proxy process
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.configs import USER_AGENT, Certificate, Shape, Upstreams, grayproxy_yaml, openssl_command
@@ -76,19 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tls", action="store_true", help="the listener speaks TLS (a certificate by openssl)"
     )
+    parser.add_argument(
+        "--access-log", action="store_true", help="with the JSON access log on, to a file"
+    )
+    parser.add_argument("--decision-header", action="store_true", help="with decision_header: true")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
     shape = Shape(args.services, args.endpoints, args.rules, gateway=args.services > 1)
     ports = start_upstreams(args.endpoints)
+    options = Options(args.access_log, args.decision_header)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-tls-") as tmp:
         tls = None
         if args.tls:
             tls = Certificate(Path(tmp) / "bench.crt", Path(tmp) / "bench.key")
             subprocess.run(openssl_command(tls), capture_output=True, check=True)
-        few, few_functions = instructions(args.source, ports, shape, 200, tls)
-        many, many_functions = instructions(args.source, ports, shape, 200 + args.requests, tls)
+        few, few_functions = instructions(args.source, ports, shape, 200, tls, options)
+        many, many_functions = instructions(
+            args.source, ports, shape, 200 + args.requests, tls, options
+        )
     per_request = (many - few) / args.requests
     print(f"{args.source}: {per_request:,.0f} instructions per request")
     costs = {
@@ -100,6 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.functions and not costs:
         print("no compiled function seen: is it built? (see docs/development.md)")
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Features to switch on in the config (all off: what `make bench` runs)."""
+
+    access_log: bool = False
+    decision_header: bool = False
+
+    def apply(self, yaml: str, workdir: Path) -> str:
+        if self.decision_header:
+            yaml = yaml.replace(
+                "    baseline: stable\n", "    baseline: stable\n    decision_header: true\n"
+            )
+        if self.access_log:
+            yaml += f'access_log: {{path: "{workdir / "access.log"}"}}\n'
+        return yaml
 
 
 def start_upstreams(count: int) -> tuple[int, ...]:
@@ -130,6 +156,7 @@ def instructions(
     shape: Shape,
     requests: int,
     tls: Certificate | None = None,
+    options: Options = Options(),
 ) -> tuple[int, dict[str, int]]:
     """Total instructions of one proxy run that served `requests` requests (over TLS
     with `tls`), and those of each compiled function, callees included."""
@@ -137,7 +164,8 @@ def instructions(
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
         upstreams = Upstreams(stable=ports, canary=ports)
-        config.write_text(grayproxy_yaml(data, control, upstreams, shape, tls))
+        yaml = grayproxy_yaml(data, control, upstreams, shape, tls)
+        config.write_text(options.apply(yaml, Path(tmp)))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",

@@ -84,6 +84,7 @@ class Rule:
     path_prefix: str | None = None
     methods: frozenset[str] = frozenset()  # upper-case
     sources: tuple[IPNetwork, ...] = ()
+    name: str | None = None  # shown in the decision trace: rule=N;name=NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +221,7 @@ class Service:
     release: ReleaseSpec | None = None  # started when the proxy starts (docs/releases.md)
     mirror: Mirror | None = None  # None: no shadow traffic
     reroute_tunnels: RerouteTunnels | None = None  # None: tunnels stay where they started
+    decision_header: bool = False  # x-grayproxy-decision on responses
     # A digest of the service's part of the config file as written (loader.node_digest);
     # kept through runtime weight changes, so a state file can tell whether the file changed it.
     source_digest: str = field(default="", compare=False, repr=False)
@@ -245,6 +247,17 @@ class Control:
     tokens: tuple[Token, ...] = ()
 
 
+ACCESS_LOG_FORMATS = ("json",)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """One JSON line per request (proxy/accesslog.py)."""
+
+    path: str  # "-" for stdout, else an absolute file path
+    format: str = "json"  # one of ACCESS_LOG_FORMATS
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     services: tuple[Service, ...]
@@ -257,6 +270,7 @@ class Config:
     headers_with_underscores: str = "drop"  # one of HEADERS_WITH_UNDERSCORES
     tls: ListenerTls | None = None  # the data listener's; None: plain HTTP
     state_file: str | None = None  # absolute path; runtime state kept across restarts
+    access_log: AccessLog | None = None  # None: off
     source: str = field(default="<string>", compare=False)
 
 

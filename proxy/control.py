@@ -34,7 +34,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.audit import parse_limit
 from proxy.config import ConfigError, Control, FieldMatch, Rule, Service, Split, Token
-from proxy.errors import ControlRefused, InvalidRequest
+from proxy.errors import ControlRefused, InvalidRequest, UnknownService
+from proxy.explain import explain, read_facts
 from proxy.metrics import EndpointHealth, Metrics
 from proxy.release_api import add_release_api
 from proxy.releases import Releases
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KEPT_ERROR_HEADERS = ("Allow", "WWW-Authenticate")
 READ_METHODS = frozenset({"GET", "HEAD"})  # what a "read" token may call
+# ... and these, which change nothing (explain answers without sending anything).
+READ_POSTS = frozenset({"/api/v1/services/{name}/explain"})
 ACTOR = web.RequestKey("actor", str)  # who makes the request's changes (a token's name)
 _MAX_GENERATION_DIGITS = 18
 
@@ -79,6 +82,7 @@ def create_app(
             web.put("/api/v1/services/{name}/weights", api.set_weights),
             web.post("/api/v1/services/{name}/promote", api.promote),
             web.post("/api/v1/services/{name}/rollback", api.rollback),
+            web.post("/api/v1/services/{name}/explain", api.explain),
             web.post("/api/v1/reload", api.reload),
             web.get("/api/v1/audit", api.audit),
             web.get("/healthz", api.healthz),
@@ -139,13 +143,20 @@ def _bearer_auth(state: LiveState) -> Middleware:
             return error_response(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
-        if token.role != "admin" and request.method not in READ_METHODS:
+        if token.role != "admin" and not _reads_only(request):
             why = f"token {token.name!r} has the role {token.role!r}: it may only read (GET)"
             return error_response(403, "forbidden: a change needs an admin token", [why])
         request[ACTOR] = token.name
         return await handler(request)
 
     return bearer_auth
+
+
+def _reads_only(request: web.Request) -> bool:
+    if request.method in READ_METHODS:
+        return True
+    resource = request.match_info.route.resource
+    return request.method == "POST" and resource is not None and resource.canonical in READ_POSTS
 
 
 def _tokens(control: Control) -> tuple[Token, ...]:
@@ -308,6 +319,26 @@ class _ControlAPI:
         self._state.rollback(name, actor=actor_of(request))
         return self._service_response(name)
 
+    async def explain(self, request: web.Request) -> web.Response:
+        """Which version the data path would choose for a request, and why (explain.py)."""
+        name = request.match_info["name"]
+        self._state.service(name)  # an unknown service is a 404 whatever the body
+        facts = read_facts(await _json_body(request))
+        await self._fresh()  # endpoint health, from every worker
+        snapshot = self._state.snapshot  # once: the router and the health of one config
+        try:
+            router = snapshot.router.service(name)
+        except KeyError:  # a reload removed it meanwhile
+            raise UnknownService(name) from None
+        versions = {version.name: version for version in router.service.versions}
+
+        def has_endpoint(version: str) -> bool:
+            addresses = versions[version].endpoints
+            return any(self._endpoint_health(name, version, a) for a in addresses)
+
+        underscores = snapshot.config.headers_with_underscores
+        return web.json_response(explain(router, facts, underscores, has_endpoint))
+
     async def reload(self, request: web.Request) -> web.Response:
         # Parsed in a thread: the loop keeps serving.
         snapshot = await self._state.reload(actor=actor_of(request))
@@ -399,7 +430,10 @@ def _rule_json(rule: Rule) -> dict[str, object]:
         match["method"] = sorted(rule.methods)
     if rule.sources:
         match["source"] = [str(network) for network in rule.sources]
-    return {"match": match, "version": rule.version}
+    rule_json: dict[str, object] = {"match": match, "version": rule.version}
+    if rule.name is not None:
+        rule_json["name"] = rule.name
+    return rule_json
 
 
 def _field_json(field: FieldMatch) -> dict[str, object]:

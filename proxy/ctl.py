@@ -142,6 +142,16 @@ def _rollback(client: ControlClient, args: argparse.Namespace) -> Json:
     return client.call("POST", path, {}, headers=if_match(args))
 
 
+def _explain(client: ControlClient, args: argparse.Namespace) -> Json:
+    headers: dict[str, list[str]] = {}
+    for name, value in args.headers:
+        headers.setdefault(name, []).append(value)
+    body: dict[str, Json] = {"method": args.method, "path": args.path, "headers": headers}
+    if args.client_ip is not None:
+        body["client_ip"] = args.client_ip
+    return client.call("POST", f"/api/v1/services/{_quote(args.service)}/explain", body)
+
+
 def _reload(client: ControlClient, args: argparse.Namespace) -> Json:
     return client.call(
         "POST", "/api/v1/reload", {}, timeout=RELOAD_TIMEOUT_SECONDS, headers=if_match(args)
@@ -290,6 +300,24 @@ def format_change(answer: Json) -> str:
     return "\n".join(lines)
 
 
+def format_explain(answer: Json) -> str:
+    """`version: canary`, `decision: split;key=header:x-user-id`, and the rest of the answer."""
+    if not isinstance(answer, dict):
+        return json.dumps(answer)
+    if answer.get("random"):
+        chances: Mapping[str, Any] = answer.get("chances") or {}
+        shares = ", ".join(f"{name} {_number(float(share))}%" for name, share in chances.items())
+        lines = [f"version: drawn at random ({shares})"]
+    else:
+        lines = [f"version: {answer.get('version')}"]
+    lines.append(f"decision: {answer.get('decision')}")
+    if answer.get("note"):
+        lines.append(f"note: {answer['note']}")
+    if answer.get("healthy") is False:
+        lines.append("healthy: no endpoint in rotation; the data path answers 503")
+    return "\n".join(lines)
+
+
 # ---- argument parsing ------------------------------------------------------------------------
 
 
@@ -319,6 +347,14 @@ def _limit(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 1 to 1000")
     return int(text)
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """`x-user-id: alice` -> ("x-user-id", "alice")."""
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'NAME: VALUE', e.g. 'x-user-id: 42'")
+    return name.strip(), value.strip()
 
 
 class _WeightsAction(argparse.Action):
@@ -405,6 +441,26 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     from proxy import release_ctl  # it imports this module's client
 
     release_ctl.add_parser(actions, json_flag)
+    explain = actions.add_parser(
+        "explain",
+        parents=[json_flag],
+        help="the version a request would get, and why (nothing is sent)",
+    )
+    explain.add_argument("service")
+    explain.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        action="append",
+        default=[],
+        type=parse_header,
+        metavar="'NAME: VALUE'",
+        help="a request header (repeat for more)",
+    )
+    explain.add_argument("--method", default="GET", help="the request method (GET)")
+    explain.add_argument("--path", default="/", help="the request path, query included (/)")
+    explain.add_argument("--client-ip", help="the client address (127.0.0.1)")
+    explain.set_defaults(call=_explain)
 
 
 def run_ctl(args: argparse.Namespace) -> int:
@@ -427,6 +483,8 @@ def run_ctl(args: argparse.Namespace) -> int:
         print(format_reload(answer))
     elif args.action == "audit":
         print(format_audit(answer))
+    elif args.action == "explain":
+        print(format_explain(answer))
     else:
         print(format_change(answer))
     return 0

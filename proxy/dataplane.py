@@ -22,7 +22,8 @@ from typing import Final, cast
 import httptools
 
 from . import errors
-from .config import Address
+from .accesslog import NO_NAMES, LogWriter, format_line, quoted, quoted_method
+from .config import AccessLog, Address
 from .endpoints import Endpoint, Upstreams
 from .errors import ProxyError, UpstreamOverflow
 from .http1 import (
@@ -40,17 +41,21 @@ from .http1 import (
 from .metrics import Metrics
 from .mirror import Mirrors, Shadow
 from .plan import PathLimits, Plan, RoutingTable, plan_request, refusal
+from .requestid import id_of
+from .routing import with_fallback
 from .state import LiveState, Snapshot
 from .tunnels import Tunnels
 from .upstream import UpstreamConnection
 
 PAUSE_BUFFER_BYTES: Final = 256 * 1024
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Timeouts are checked by one ticker per process rather than a timer per
 # request: arming one is then a float assignment. They fire up to a tick late.
 TICK: Final = 0.1
 SWEEP_EVERY: Final = 10  # ticks between two sweeps of idle upstream connections
 # Refusals after which nothing more is read from the connection.
 CLOSING_STATUSES: Final = frozenset({400, 408, 413, 431, 501, 505})
+LOG_CLOSE_TIMEOUT: Final = 5.0  # seconds the access log's last lines may take at exit
 
 
 class DataPlane:
@@ -71,6 +76,8 @@ class DataPlane:
         self.now = time.monotonic()  # the ticker's clock, for timeouts
         self._ticker: asyncio.TimerHandle | None = None
         self._ticks = 0
+        self.access_log: LogWriter | None = None  # None: off
+        self._follow_access_log(state.snapshot.config.access_log)
         state.subscribe(self._on_snapshot)
 
     def start(self) -> None:
@@ -84,12 +91,32 @@ class DataPlane:
         self._ticks += 1
         if self._ticks % SWEEP_EVERY == 0:
             self.upstreams.close_expired(now)
+        if self.access_log is not None:
+            self.access_log.flush()  # the lines of the last tick, to the writer thread
         self._ticker = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.table = RoutingTable(snapshot, self.upstreams, self.metrics, self.mirrors)
         self.limits = PathLimits(snapshot.config)  # a reload may change them
         self.tunnels.follow(snapshot)
+        self._follow_access_log(snapshot.config.access_log)
+
+    def _follow_access_log(self, settings: AccessLog | None) -> None:
+        """Start, move or stop the access log as the config says (at start and reloads)."""
+        writer = self.access_log
+        if settings is None:
+            if writer is not None:
+                writer.close()
+                self.access_log = None
+        elif writer is None:
+            self.access_log = LogWriter(settings.path)
+        elif writer.path != settings.path:
+            writer.move_to(settings.path)
+
+    def reopen_access_log(self) -> None:
+        """SIGUSR1: open the access log's file again (log rotation)."""
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         return self.upstreams.endpoint_healthy(service, version, address)
@@ -117,6 +144,10 @@ class DataPlane:
         self.upstreams.close()
         self.mirrors.close()
         self.tunnels.close()
+        writer = self.access_log
+        if writer is not None:
+            writer.close()  # what is left is written before the thread ends
+            await asyncio.to_thread(writer.join, LOG_CLOSE_TIMEOUT)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -407,13 +438,18 @@ class ClientConnection(asyncio.Protocol):
         """The stream cannot be parsed or accepted: answer in turn, then close;
         nothing more is read."""
         self.refused = True
+        request_line_read = self._in_head  # for the access log
         self._in_head = False
         self._pause()
         exchange = self._parsing()
         if exchange is not None and not exchange.request_done:
             exchange.refuse(error)  # its own body is malformed
             return
-        failed = Exchange(self, refusal(error))
+        plan = refusal(error)
+        if request_line_read:
+            plan.method = self.parser.get_method()
+            plan.url = self._url
+        failed = Exchange(self, plan)
         failed.request_done = True
         if self.current is None:
             self.current = failed
@@ -532,6 +568,8 @@ class Exchange:
         "_last_read",
         "_pending",
         "_tried",
+        "_upstream_ms",
+        "_upstream_start",
         "client",
         "close_after",
         "early_data",
@@ -540,6 +578,7 @@ class Exchange:
         "plane",
         "pool",
         "request_done",
+        "sent",
         "service",
         "shadow",
         "started_at",
@@ -576,6 +615,12 @@ class Exchange:
         self.shadow: Shadow | None = None  # the request's copy to a mirror (see mirror.py)
         if plan.view is not None and plan.service is not None and plan.service.mirror is not None:
             self.shadow = plan.service.mirror.shadow(plan)
+        self.sent = 0  # bytes written to the client for this exchange
+        # For the access log only (0 and -1 while it is off): when the first
+        # upstream connection was asked for, and how long until the upstream
+        # answered (its response head) or failed.
+        self._upstream_start = 0.0
+        self._upstream_ms = -1.0
 
     def __repr__(self) -> str:
         return f"<Exchange {STATE_NAMES[self.state]} {self.plan!r}>"
@@ -608,6 +653,8 @@ class Exchange:
         """Get an upstream connection: at once if the chosen endpoint has an
         idle one (the common case, no task), else in a task that connects."""
         self._to(CONNECTING)
+        if self.plane.access_log is not None and not self._upstream_start:
+            self._upstream_start = monotonic()
         pool = None
         if not fresh:
             try:
@@ -776,19 +823,25 @@ class Exchange:
     # -- ResponseSink: called by the upstream connection -------------------
     def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if status == 100 and self.plan.want_continue and not self.plan.http10:
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.client.write(CONTINUE)
+            self.sent += len(CONTINUE)
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> None:
         assert self.target is not None
         self._last_read = self.plane.now
+        if self._upstream_start:
+            self._upstream_over()
         self.status = status
         self.upstream_closes = close
         lines, length, upgrade = response_lines(status, headers)
-        if status == 101 and self.plan.upgrade:
+        plan = self.plan
+        lines.append(plan.request_id)
+        if self.target.decision_header:
+            lines.append(self._decision_line())
+        if status == 101 and plan.upgrade:
             self._switch_protocols(lines, upgrade)
             return
         self._to(RESPONDING)
-        plan = self.plan
         bodyless = plan.head_request or status in (204, 304)
         extra = self.target.response_header
         if plan.set_cookie:
@@ -797,6 +850,7 @@ class Exchange:
         head, self._chunked_response, self.close_after = framed_response_head(
             lines, length, bodyless, plan.http10, close_after, extra
         )
+        self.sent += len(head)
         self.client.outgoing.append(head)
 
     def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
@@ -807,7 +861,9 @@ class Exchange:
         lines.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
         lines.append(self.target.response_header)
         lines.append(b"\r\n")
-        self.client.write(b"".join(lines))
+        head = b"".join(lines)
+        self.sent += len(head)
+        self.client.write(head)
         if self.early_data:
             self.upstream.write(self.early_data)
         self.client.start_tunnel(self.upstream)
@@ -815,6 +871,7 @@ class Exchange:
             self.plane.tunnels.opened(self)
 
     def tunnel_data(self, data: bytes) -> None:
+        self.sent += len(data)
         self.client.write(data)
 
     def tunnel_closed(self) -> None:
@@ -828,11 +885,14 @@ class Exchange:
             self._last_read = self.plane.now
         out = self.client.outgoing
         if self._chunked_response:
-            out.append(b"%x\r\n" % len(chunk))
+            size_line = b"%x\r\n" % len(chunk)
+            out.append(size_line)
             out.append(chunk)
             out.append(b"\r\n")
+            self.sent += len(size_line) + len(chunk) + 2
         else:
             out.append(chunk)
+            self.sent += len(chunk)
 
     def flush(self) -> None:
         """Write what the last upstream read produced, in one call."""
@@ -848,6 +908,7 @@ class Exchange:
             upstream.finish(reusable=self.request_done and not self.upstream_closes)
         if self._chunked_response:
             self.client.outgoing.append(CHUNKED_END)
+            self.sent += len(CHUNKED_END)
         self.flush()
         self._finish(self.status)
 
@@ -891,6 +952,8 @@ class Exchange:
 
     def _upstream_error(self, error: ProxyError) -> None:
         self._cancel_deadline()
+        if self._upstream_start:
+            self._upstream_over()
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
@@ -910,10 +973,16 @@ class Exchange:
         self._to(RESPONDING)
         close = self.close_after or not self.request_done or status in CLOSING_STATUSES
         self.close_after = close or self.plane.draining
-        extra = self.target.response_header if self.target is not None else b""
+        extra = self.plan.request_id
+        target = self.target
+        if target is not None:
+            extra = target.response_header + extra
+            if target.decision_header:
+                extra += self._decision_line()
         response = error_response(
             status, error.detail, extra, self.close_after, self.plan.head_request
         )
+        self.sent += len(response)
         self.client.write(response)
         self._finish(status)
 
@@ -926,11 +995,92 @@ class Exchange:
         if self.state == DONE:
             return
         self.state = DONE  # from any state: an exchange may end at any point
-        if self.target is not None:
+        target = self.target
+        writer = self.plane.access_log
+        if target is not None or writer is not None:
             now = monotonic()
-            self.target.stats.observe(status, now - self.started_at, now)
-            if self.shadow is not None:
-                self.shadow.primary_done(status, now - self.started_at, now)
+            if target is not None:
+                target.stats.observe(status, now - self.started_at, now)
+                if self.shadow is not None:
+                    self.shadow.primary_done(status, now - self.started_at, now)
+            if writer is not None:
+                self._log(writer, status, now)
         if self.pool is not None:
             self.pool.end(status)
             self.pool = None
+
+    # -- the decision trace and the access log ------------------------------
+    def decision(self) -> str:
+        """Why the version that serves was chosen: the plan's reason, and the
+        fallback when it serves instead."""
+        target = self.target
+        if target is not None and target is not self.plan.target:
+            return with_fallback(self.plan.reason, target.name)
+        return self.plan.reason
+
+    def _decision_line(self) -> bytes:
+        decision = self.decision()
+        line = _DECISION_LINES.get(decision)
+        if line is None:
+            if len(_DECISION_LINES) >= MAX_DECISION_LINES:
+                _DECISION_LINES.clear()
+            line = b"x-grayproxy-decision: " + header_value(decision) + b"\r\n"
+            _DECISION_LINES[decision] = line
+        return line
+
+    def _upstream_over(self) -> None:
+        """The upstream answered (its response head) or failed: how long it took."""
+        if self._upstream_ms < 0:
+            self._upstream_ms = monotonic() - self._upstream_start
+
+    def _log(self, writer: LogWriter, status: int, now: float) -> None:
+        elapsed = now - self.started_at
+        plan = self.plan
+        target = self.target
+        upstream = self._upstream_ms
+        if upstream < 0 and self._upstream_start:  # still waiting: the client left
+            upstream = now - self._upstream_start
+        pool = self.pool
+        if pool is None and self._tried:  # it failed: the last one tried
+            pool = self._tried[-1]
+        line = format_line(
+            self.started_at + writer.wall_offset,
+            id_of(plan.request_id),
+            quoted(self.client.client_ip),
+            quoted_method(plan.method),
+            plan.url.decode("latin-1") if plan.url else None,
+            status,
+            self.sent,
+            elapsed,
+            upstream,
+            target.log_names if target is not None else NO_NAMES,
+            endpoint_json(pool) if pool is not None else "null",
+            quoted(self.decision()) if target is not None else "null",
+        )
+        writer.write(line)
+
+
+# The decision header's lines by decision: the same few every time (a rule, a
+# key source, the random draw, and those with a fallback).
+_DECISION_LINES: Final[dict[str, bytes]] = {}
+MAX_DECISION_LINES: Final = 1024
+# The access log's JSON of each endpoint's address (str(Address) runs interpreted code).
+_ENDPOINT_JSON: Final[dict[Endpoint, str]] = {}
+MAX_ENDPOINT_JSON: Final = 1024
+
+
+def endpoint_json(endpoint: Endpoint) -> str:
+    json = _ENDPOINT_JSON.get(endpoint)
+    if json is None:
+        if len(_ENDPOINT_JSON) >= MAX_ENDPOINT_JSON:
+            _ENDPOINT_JSON.clear()
+        json = _ENDPOINT_JSON[endpoint] = quoted(str(endpoint.address))
+    return json
+
+
+def header_value(text: str) -> bytes:
+    """`text` as a header value: as it is when printable ASCII, else escaped
+    (a query parameter named in hash_on may hold anything)."""
+    if text.isascii() and text.isprintable():
+        return text.encode("ascii")
+    return text.encode("unicode_escape")

@@ -57,9 +57,11 @@ UNDERSCORES_DROP: Final = "drop"
 UNDERSCORES_REJECT: Final = "reject"
 UNDERSCORES_ALLOW: Final = "allow"
 # Response headers the proxy reads or replaces rather than copies, and their lengths.
-CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
+# The response's x-request-id is always the request's (an upstream's own is replaced).
+CHECKED_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 # Bit n set: some checked name is n bytes long (all are shorter than 63).
 CHECKED_RESPONSE_LENGTHS: Final = sum(1 << size for size in set(map(len, CHECKED_RESPONSE_HEADERS)))
+REQUEST_ID_LENGTH: Final = len(b"x-request-id")  # also Content-Type's, in nearly every response
 # RFC 3986 reg-name or IPv4, or an IPv6 literal, and an optional port.
 VALID_HOST: Final = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -349,12 +351,14 @@ def upstream_head(
     forwarded_for: bytes,
     upgrade: bytes | None,
     verbatim: bytes = b"",
+    request_id: bytes = b"",
 ) -> bytes:
     """The request head sent upstream, framed for the body as received;
     `forwarded_for` is forwarded_for_lines(the client's address). `verbatim`,
     if given, is the request line and header lines as received, to be sent as
     they are: only when `head.unchanged`, the target is in origin form and the
-    request line says HTTP/1.1."""
+    request line says HTTP/1.1. `request_id`, if given, is an x-request-id
+    line to add (one the proxy made)."""
     if verbatim:
         parts = [verbatim]
     else:
@@ -370,6 +374,8 @@ def upstream_head(
         parts.append(forwarded_for)
     if head.host:
         parts.append(forwarded_host_line(head.host))
+    if request_id:
+        parts.append(request_id)
     if upgrade:
         parts.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
     if head.chunked:
@@ -420,9 +426,12 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
 
 
 def _may_be_checked(raw_name: bytes) -> bool:
-    """Whether a response header name is as long as one the proxy checks (most are not)."""
+    """Whether a response header name is as long as one the proxy checks (most
+    are not); of those as long as X-Request-Id, only those starting with an x."""
     size = len(raw_name)
-    return size < 63 and (CHECKED_RESPONSE_LENGTHS >> size) & 1 == 1
+    if size >= 63 or not (CHECKED_RESPONSE_LENGTHS >> size) & 1:
+        return False
+    return size != REQUEST_ID_LENGTH or raw_name[0] | 0x20 == 0x78
 
 
 def framed_response_head(

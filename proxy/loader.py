@@ -19,10 +19,12 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from proxy.config import (
+    ACCESS_LOG_FORMATS,
     HEADERS_WITH_UNDERSCORES,
     LOAD_BALANCING,
     RESERVED_ACTORS,
     TOKEN_ROLES,
+    AccessLog,
     Address,
     Config,
     ConfigError,
@@ -102,12 +104,14 @@ _TOP_KEYS = (
     "headers_with_underscores",
     "tls",
     "state_file",
+    "access_log",
     "services",
 )
 _CONTROL_KEYS = ("listen", "token_env", "token_file", "tokens", "tls")
 _LISTENER_TLS_KEYS = ("cert", "key")
 _UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
 _TOKEN_KEYS = ("name", "token_env", "token_file", "role")
+_ACCESS_LOG_KEYS = ("path", "format")
 _TIMEOUT_KEYS = ("connect", "response", "idle")
 _LIMIT_KEYS = ("max_header_bytes", "header_read_timeout", "max_body_bytes", "max_connections")
 _SERVICE_KEYS = (
@@ -128,6 +132,7 @@ _SERVICE_KEYS = (
     "release",
     "mirror",
     "reroute_tunnels",
+    "decision_header",
 )
 _MIRROR_KEYS = ("to", "percent", "max_body_bytes", "max_in_flight")
 _REROUTE_KEYS = ("within",)
@@ -152,7 +157,7 @@ _VERSION_KEYS = ("endpoints", "tls")
 _SPLIT_KEYS = ("weights", "hash_on", "sticky_cookie", "salt")
 _STICKY_KEYS = ("name", "max_age")
 _HASH_KINDS = ("header", "cookie", "query", "client_ip")
-_RULE_KEYS = ("match", "version")
+_RULE_KEYS = ("name", "match", "version")
 _CONDITION_KEYS = ("header", "cookie", "query", "path_prefix", "method", "source")
 _FIELD_KEYS = ("name", "value", "regex", "present")
 _FIELD_TESTS = ("value", "regex", "present")
@@ -652,6 +657,7 @@ class _Reader:
             ),
             tls=self.listener_tls(fields.get("tls"), "tls"),
             state_file=self.state_file(fields.get("state_file")),
+            access_log=self.access_log(fields.get("access_log"), "access_log"),
             source=self.source,
         )
 
@@ -703,6 +709,45 @@ class _Reader:
             max_body_bytes=_or(body_bytes, default.max_body_bytes),
             max_connections=_or(connections, default.max_connections),
         )
+
+    # ----------------------------------------------------------------- access log
+
+    def access_log(self, node: Node | None, path: str) -> AccessLog | None:
+        fields = self.fields(node, path, _ACCESS_LOG_KEYS)
+        if node is None or fields is None:
+            return None
+        path_node = self.required(fields, "path", path, node)
+        log_path = self.text(path_node, f"{path}.path")
+        log_format = self.choice(fields.get("format"), f"{path}.format", ACCESS_LOG_FORMATS)
+        if log_path is None or path_node is None:
+            return None
+        if log_path != "-":
+            log_path = self.log_file(log_path, path_node, f"{path}.path")
+        if log_path is None:
+            return None
+        return AccessLog(log_path, _or(log_format, "json"))
+
+    def log_file(self, name: str, node: Node, path: str) -> str | None:
+        """A log file's absolute path (a relative one is taken from the config file's
+        directory), if the proxy can append to it: its directory must exist already."""
+        if not name:
+            self.error(path, node, 'must not be empty ("-" is stdout)')
+            return None
+        file = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(name)))
+        directory = os.path.dirname(file)
+        problem = None
+        if not os.path.isdir(directory):
+            problem = f"directory {directory} does not exist"
+        elif os.path.isdir(file):
+            problem = f"{file} is a directory"
+        elif os.path.exists(file) and not os.access(file, os.W_OK):
+            problem = f"cannot write to {file}"
+        elif not os.path.exists(file) and not os.access(directory, os.W_OK | os.X_OK):
+            problem = f"cannot create a file in {directory}"
+        if problem is not None:
+            self.error(path, node, problem)
+            return None
+        return file
 
     # ----------------------------------------------------------------- control
 
@@ -981,6 +1026,9 @@ class _Reader:
             reroute_tunnels=self.reroute_tunnels(
                 fields.get("reroute_tunnels"), f"{path}.reroute_tunnels"
             ),
+            decision_header=_or(
+                self.boolean(fields.get("decision_header"), f"{path}.decision_header"), False
+            ),
         )
 
     def release(
@@ -1250,6 +1298,8 @@ class _Reader:
             return None
         version_node = self.required(fields, "version", path, node)
         version = self.version_ref(version_node, f"{path}.version", names)
+        what = "rule names may only contain A-Z, a-z, 0-9, '_', '.' and '-'"
+        name = self.pattern(fields.get("name"), f"{path}.name", _VERSION_NAME, what)
         where = f"{path}.match"
         conditions = self.fields(fields.get("match"), where, _CONDITION_KEYS) or {}
         return Rule(
@@ -1260,6 +1310,7 @@ class _Reader:
             path_prefix=self.path_prefix(conditions.get("path_prefix"), f"{where}.path_prefix"),
             methods=self.methods(conditions.get("method"), f"{where}.method"),
             sources=self.networks(conditions.get("source"), f"{where}.source"),
+            name=name,
         )
 
     def field_matches(self, node: Node | None, path: str, kind: str) -> tuple[FieldMatch, ...]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 from typing import Protocol
 
 from . import errors
+from .accesslog import names_json
 from .config import Config, Timeouts
 from .endpoints import Balancer, Upstreams
 from .errors import ProxyError
 from .http1 import (
     RequestHead,
+    header_name,
     origin_form,
     tunnelled_upgrade,
     upstream_head,
@@ -25,6 +27,7 @@ from .http1 import (
 )
 from .metrics import Metrics, VersionStats
 from .mirror import Mirroring, Mirrors
+from .requestid import HEADER_KEY, IDS, client_id_line
 from .routing import RequestView, Router
 from .state import Snapshot
 
@@ -62,13 +65,30 @@ class PathLimits:
 class VersionTarget:
     """Where one version's traffic goes, precomputed per snapshot."""
 
-    __slots__ = ("balancer", "name", "response_header", "stats")
+    __slots__ = (
+        "balancer",
+        "decision_header",
+        "log_names",
+        "name",
+        "response_header",
+        "stats",
+    )
 
-    def __init__(self, name: str, balancer: Balancer, stats: VersionStats, tag: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        balancer: Balancer,
+        stats: VersionStats,
+        tag: bool,
+        decision_header: bool = False,
+        service: str = "",
+    ) -> None:
         self.name = name
         self.balancer = balancer
         self.stats = stats
         self.response_header = b"x-grayproxy-version: %s\r\n" % name.encode() if tag else b""
+        self.decision_header = decision_header  # the service's: x-grayproxy-decision on responses
+        self.log_names = names_json(service, name)  # the access log's service and version
 
 
 class ServiceTarget:
@@ -114,6 +134,8 @@ class RoutingTable:
                     upstreams.balancer(service.name, v.name),
                     metrics.version(service.name, v.name),
                     service.version_header,
+                    service.decision_header,
+                    service.name,
                 )
                 for v in service.versions
             }
@@ -140,10 +162,12 @@ class Plan:
         "http10",
         "method",
         "reason",
+        "request_id",
         "service",
         "set_cookie",
         "target",
         "upgrade",
+        "url",
         "view",
         "want_continue",
     )
@@ -163,6 +187,10 @@ class Plan:
         self.reason = ""  # why this version: rule=N, split;key=SOURCE, split;random
         self.head = b""  # the request head to send upstream
         self.view: RequestView | None = None  # kept only if the service keeps_view
+        self.url = b""  # the request target as received, when there was one
+        # The request id as its header line (see requestid.py): on the head sent
+        # upstream and on the response, whoever answers it.
+        self.request_id = b""
 
     def __repr__(self) -> str:
         where = self.target.name if self.target is not None else None
@@ -174,6 +202,7 @@ def refusal(error: ProxyError) -> Plan:
     plan = Plan(b"")
     plan.error = error
     plan.close = True
+    plan.request_id = IDS.next_line()
     return plan
 
 
@@ -199,28 +228,69 @@ def plan_request(
     the read the message began with and where its request line ends in it
     (see http1.request_line_end; 0 when it cannot be sent on as received)."""
     plan = Plan(method)
+    plan.url = url
     try:
         head = _checked_head(plan, raw_headers, version, keep_alive, upgrade, limits)
+        made_id = _request_id(plan, head)
         target = origin_form(url, head.host, method)
-        path, _, query = target.partition(b"?")
-        view = RequestView(
-            method.decode("latin-1"),
-            path.decode("latin-1"),
-            query.decode("latin-1"),
-            head.headers,
-            client_ip,
-        )
-        _route(plan, table, head.host, view)
+        _route(plan, table, head.host, routing_view(method, target, head, client_ip))
         max_body = limits.max_body_bytes
         length = head.content_length
         if max_body and length is not None and int(length) > max_body:
             raise errors.PayloadTooLarge(f"request body over {max_body} bytes")
         unchanged = head.unchanged and target is url
         verbatim = verbatim_head(message_read, line_end) if unchanged else b""
-        plan.head = upstream_head(method, target, head, forwarded_for, plan.upgrade, verbatim)
+        plan.head = upstream_head(
+            method, target, head, forwarded_for, plan.upgrade, verbatim, made_id
+        )
     except ProxyError as exc:
         plan.error = exc
+        if not plan.request_id:  # refused before its head was read
+            plan.request_id = IDS.next_line()
     return plan
+
+
+def _request_id(plan: Plan, head: RequestHead) -> bytes:
+    """Set the plan's request id: the client's, or a new one. Returns the line
+    to add to the head sent upstream: b"" when the client's goes as it came."""
+    value = head.headers.get(HEADER_KEY)
+    if value is not None:
+        plan.request_id = client_id_line(value)
+        if plan.request_id:
+            return b""
+        # Unfit to pass on: the client's lines are replaced by a new one.
+        head.forwarded = [h for h in head.forwarded if header_name(h[0]).key != HEADER_KEY]
+        head.unchanged = False
+    plan.request_id = IDS.next_line()
+    return plan.request_id
+
+
+def routing_view(method: bytes, target: bytes, head: RequestHead, client_ip: str) -> RequestView:
+    """What routing sees of a request: its method, the path and query of its
+    target in origin form, its checked headers and the client's address."""
+    path, _, query = target.partition(b"?")
+    return RequestView(
+        method.decode("latin-1"),
+        path.decode("latin-1"),
+        query.decode("latin-1"),
+        head.headers,
+        client_ip,
+    )
+
+
+def request_view(
+    method: bytes,
+    url: bytes,
+    raw_headers: list[tuple[bytes, bytes]],
+    client_ip: str,
+    underscores: str,
+) -> RequestView:
+    """The view routing would get of a request with these facts, read by the
+    same checks as plan_request (for explain; not the hot path). Its Host is
+    not required: without one, routing sees no host header, as it is given.
+    ProxyError if the data path would refuse the request."""
+    head = RequestHead(raw_headers, True, underscores)  # True: HTTP/1.0 may omit Host
+    return routing_view(method, origin_form(url, head.host, method), head, client_ip)
 
 
 def _checked_head(

@@ -266,6 +266,16 @@ STICKY: Final = "split;key=sticky"
 RANDOM: Final = "split;random"
 
 
+def rule_reason(index: int, name: str | None) -> str:
+    """How the decision trace names rule `index`: rule=N, or rule=N;name=NAME."""
+    return f"rule={index}" if name is None else f"rule={index};name={name}"
+
+
+def with_fallback(reason: str, fallback: str) -> str:
+    """The decision trace of a request that the fallback version served."""
+    return f"{reason};fallback={fallback}"
+
+
 def _key_name(source: HashSource) -> str:
     """How the decision trace names a key's source: header:x-user-id, cookie:NAME, client_ip."""
     if source.kind == "client_ip":
@@ -356,7 +366,7 @@ class ServiceRouter:
             raise ValueError(f"service {service.name}: unknown versions {sorted(unknown)}")
         self.service = service
         self._rules = tuple(
-            (_compile_rule(rule), rule.version, f"rule={index}")
+            (_compile_rule(rule), rule.version, rule_reason(index, rule.name))
             for index, rule in enumerate(service.rules)
         )
         self._candidates = hash_candidates(weights, split.salt)
@@ -377,8 +387,8 @@ class ServiceRouter:
 
     def decide(self, req: RequestView) -> tuple[str, str | None, str]:
         """(version, Set-Cookie value to add to the response or None, why):
-        why is what the decision trace shows (rule=N, split;key=SOURCE,
-        split;random)."""
+        why is what the decision trace shows (rule=N[;name=NAME],
+        split;key=SOURCE, split;random)."""
         for checks, version, reason in self._rules:
             for check in checks:
                 if not check.holds(req):

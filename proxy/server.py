@@ -1,4 +1,5 @@
-"""Lifecycle: open the listeners, serve, reload on SIGHUP, drain on SIGTERM.
+"""Lifecycle: open the listeners, serve, reload on SIGHUP, drain on SIGTERM;
+SIGUSR1 reopens the access log (in every worker).
 
 With `workers: 1` this process serves data itself. With more, it becomes the
 supervisor (proxy/workers.py): it keeps the control API and the live state,
@@ -71,6 +72,7 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
         state.attach_state_file(config.state_file)  # before the first request is routed
     data = await DataServer.start(state)
     plane = data.plane
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, plane.reopen_access_log)
     runner = await start_control(
         state, plane.metrics, plane.endpoint_healthy, lambda: not plane.draining
     )
@@ -97,6 +99,10 @@ async def serve_supervised(config: Config, config_path: str | None, as_in_file: 
         state.attach_state_file(config.state_file)  # before the workers get their config
     metrics = Metrics()
     supervisor = Supervisor(state, metrics, config.workers)
+    # Log rotation: each worker reopens its own access log file.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR1, supervisor.forward, signal.SIGUSR1
+    )
     try:
         await supervisor.start()
     except RuntimeError as exc:

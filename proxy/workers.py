@@ -245,6 +245,14 @@ class Supervisor:
         for worker in self.workers:
             self.metrics.absorb(worker.last_dump)
 
+    def forward(self, sig: int) -> None:
+        """Send `sig` to every worker that serves (one still starting opens its
+        files anew anyway, and might not handle the signal yet)."""
+        for worker in self.workers:
+            process = worker.process
+            if worker.ready.is_set() and process is not None and process.returncode is None:
+                process.send_signal(sig)
+
     def endpoint_healthy(self, service: str, version: str, address: Address) -> bool:
         """Healthy unless a worker has it ejected."""
         key = (service, version, str(address))
@@ -338,6 +346,7 @@ async def serve_worker(fd: int) -> int:
     data = await DataServer.start(state, reuse_port=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, data.plane.reopen_access_log)  # from the supervisor
     follow = loop.create_task(follow_supervisor(reader, writer, state, data.plane))
     follow.add_done_callback(lambda _: stop.set())  # the supervisor is gone
     log.debug("worker pid %d: serving generation %d on %s", os.getpid(), generation, config.listen)
@@ -389,6 +398,7 @@ def worker_main(fd: int, log_level: int) -> int:
     # worker waits for its SIGTERM. Reloads are the supervisor's too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until serve_worker handles it
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve_worker(fd))
 

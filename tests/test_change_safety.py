@@ -366,7 +366,7 @@ def test_a_read_token_reads_and_is_refused_every_change(proxy: ProxyProcess) -> 
     bodies: dict[str, object] = {"weights": {"stable": 1}, "promote": {"version": "canary"}}
     for method, path in api_routes():
         answer = call(proxy, method, path, bodies.get(path.rsplit("/", 1)[-1], {}), token=READER)
-        if method == "GET":
+        if method == "GET" or path.endswith("/explain"):  # explain changes nothing
             assert answer.status not in (401, 403), (method, path)
             assert answer.status < 500, (method, path, answer.json)
         else:

@@ -10,6 +10,7 @@ dies mid-body leaves the client with a visibly truncated response.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -115,6 +116,9 @@ def test_each_pipelined_request_is_answered_in_its_own_version(
     assert keep_alive == [False, True, False], reply
 
 
+MADE_ID = re.compile(rb"x-request-id: [0-9a-f]{32}\r\n")
+
+
 def test_a_head_with_nothing_to_change_goes_upstream_as_received(
     proxy: ProxyProcess, upstream: RecordingUpstream
 ) -> None:
@@ -143,7 +147,10 @@ def test_a_head_with_nothing_to_change_goes_upstream_as_received(
         before = len(upstream.raw)
         reply, _ = exchange(proxy.data_port, sent, timeout=0.5)
         assert {r.status for r in parse_responses(reply)} == {200}, (sent, reply)
-        assert bytes(upstream.raw[before:]) == expected + forwarding, sent
+        received = bytes(upstream.raw[before:])
+        # Each request gets a new x-request-id, after the forwarding headers.
+        assert len(MADE_ID.findall(received)) == received.count(b"\r\n\r\n"), received
+        assert MADE_ID.sub(b"", received) == expected + forwarding, sent
     assert not upstream.errors, upstream.errors
 
 
