@@ -31,10 +31,20 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on right now (held
+    open together while they are picked: two ports picked one after the other may be one)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def is_listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -117,8 +127,7 @@ class ProxyProcess:
         ready_timeout: float = 15.0,
         wait_ready: bool = True,
     ) -> None:
-        self.data_port = free_port()
-        self.control_port = free_port()
+        self.data_port, self.control_port = free_ports(2)
         self.data_url = f"http://127.0.0.1:{self.data_port}"
         self.control_url = f"http://127.0.0.1:{self.control_port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="grayproxy-test-"))

@@ -17,7 +17,15 @@ import pytest
 from proxy import ctl
 from proxy.cli import build_parser
 
-from procs import ProxyProcess, child_env, free_port, grayproxy_command, is_listening, run_cli
+from procs import (
+    ProxyProcess,
+    child_env,
+    free_port,
+    free_ports,
+    grayproxy_command,
+    is_listening,
+    run_cli,
+)
 
 GOOD = """\
 listen: "127.0.0.1:${data_port}"
@@ -133,7 +141,7 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_run_refuses_a_bad_config_and_listens_on_nothing(tmp_path: Path) -> None:
-    data_port, control_port = free_port(), free_port()
+    data_port, control_port = free_ports(2)
     text = GOOD.replace("${data_port}", str(data_port)).replace(
         "${control_port}", str(control_port)
     )

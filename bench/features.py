@@ -1,0 +1,151 @@
+"""What a feature costs when it is on: grayproxy with it against grayproxy without it.
+
+    python -m bench.features                      # every feature, 6 rounds
+    python -m bench.features --rounds 8 --seconds 5 --only release,mirror
+
+Each round starts grayproxy once per variant (the order rotates from round to
+round), pinned to core 0, in front of two nginx upstreams; wrk on core 1 loads
+it for `--seconds` with keyed keep-alive GETs, then a low-rate probe measures
+the latency one request sees. A variant's figures are taken against the
+feature-less run of the same round: the machine slows down for seconds at a
+time, and a ratio within a round is steadier than a ratio of medians.
+
+The variants:
+
+- release: a release running, its analysis every second (the issue's budget:
+  at most 5 % more CPU per request);
+- log: the JSON access log to a file and the decision header (at most 15 %);
+- mirror: 10 % of the requests mirrored to the canary (the client's p50 at the
+  low rate moves by under 0.05 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.configs import REALISTIC, Upstreams, grayproxy_yaml, upstream_nginx_conf, wrk_lua
+from bench.load import probe_latencies, run_wrk, wrk_command
+from bench.procs import Proc, free_ports, pinned
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = """    release:
+      canary: canary
+      steps: [{weight: 50, pause: 1h}, {weight: 100}]
+      analysis: {interval: 1s, min_requests: 1, max_inconclusive: 1000000,
+                 failure_limit: 1000, error_rate: {max_increase: 1}}
+"""
+MIRROR = "    mirror: {to: canary, percent: 10}\n"
+BASELINE_LINE = "    baseline: stable\n"
+
+
+def variant_yaml(name: str, base: str, workdir: Path) -> str:
+    """The feature-less config `base` with the feature `name` on."""
+    if name == "release":
+        return base.replace(BASELINE_LINE, BASELINE_LINE + RELEASE)
+    if name == "log":
+        with_header = base.replace(BASELINE_LINE, BASELINE_LINE + "    decision_header: true\n")
+        return with_header + f'access_log: {{path: "{workdir / "access.log"}"}}\n'
+    if name == "mirror":
+        return base.replace(BASELINE_LINE, BASELINE_LINE + MIRROR)
+    return base
+
+
+VARIANTS = ("release", "log", "mirror")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.features", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk's load per run")
+    parser.add_argument("--probe", type=int, default=1000, help="low-rate requests per run")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    args = parser.parse_args(argv)
+    variants = tuple(name for name in args.only.split(",") if name)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="grayproxy-features-") as tmp:
+        rows = measure(Path(tmp), ("off", *variants), args.rounds, args.seconds, args.probe)
+    report(rows, variants)
+    return 0
+
+
+Figures = tuple[float, float, float]  # requests per second, CPU seconds per request, probe p50 ms
+
+
+def measure(
+    workdir: Path, names: Sequence[str], rounds: int, seconds: float, probe: int
+) -> list[dict[str, Figures]]:
+    stable, canary, data, control = free_ports(4)
+    (workdir / "upstream").mkdir()
+    conf = workdir / "upstream" / "nginx.conf"
+    conf.write_text(upstream_nginx_conf(workdir / "upstream", [stable, canary], "ok"))
+    upstream = Proc("upstream", pinned(["nginx", "-c", str(conf)], 1), workdir / "upstream")
+    script = workdir / "load.lua"
+    script.write_text(wrk_lua(10_000))
+    base = grayproxy_yaml(data, control, Upstreams((stable,), (canary,)), REALISTIC)
+    try:
+        upstream.wait_listening([stable, canary])
+        rows = []
+        for index in range(rounds):
+            turn = index % len(names)
+            order = [*names[turn:], *names[:turn]]
+            row = {
+                name: run_once(workdir, name, base, data, script, seconds, probe) for name in order
+            }
+            rows.append(row)
+            print(f"round {index + 1}: " + "  ".join(_shown(n, row[n]) for n in names), flush=True)
+        return rows
+    finally:
+        upstream.stop()
+
+
+def run_once(
+    workdir: Path, name: str, base: str, port: int, script: Path, seconds: float, probe: int
+) -> Figures:
+    config = workdir / f"{name}.yaml"
+    config.write_text(variant_yaml(name, base, workdir))
+    command = [sys.executable, "-m", "proxy", "run", "-c", str(config), "--log-level", "warning"]
+    proxy = Proc(f"grayproxy-{name}", pinned(command, 0), workdir, cwd=ROOT)
+    try:
+        proxy.wait_listening([port])
+        url = f"http://127.0.0.1:{port}/"
+        load = pinned(wrk_command(url, script, connections=32, threads=1, seconds=1), 1)
+        run_wrk(load, 1)  # warm up: connections, caches, the first release tick
+        before = proxy.cpu_seconds()
+        result = run_wrk(
+            pinned(wrk_command(url, script, connections=32, threads=1, seconds=seconds), 1), seconds
+        )
+        cpu = proxy.cpu_seconds() - before
+        time.sleep(0.5)
+        (p50,) = probe_latencies([(port, "bench.test")], probe, rate=200.0)
+        if isinstance(p50, Exception):
+            raise p50
+        return result.requests_per_s, cpu / max(result.requests, 1), p50
+    finally:
+        proxy.stop()
+
+
+def _shown(name: str, figures: Figures) -> str:
+    rps, cpu, p50 = figures
+    return f"{name} {rps:,.0f}/s {cpu * 1e6:.1f}us {p50:.3f}ms"
+
+
+def report(rows: list[dict[str, Figures]], variants: Sequence[str]) -> None:
+    print("\nmedian over rounds, each against the feature-less run of its round:")
+    print(f"{'variant':<10}{'req/s ratio':>12}{'CPU/request ratio':>20}{'probe p50 delta':>18}")
+    for name in variants:
+        rps = statistics.median(row[name][0] / row["off"][0] for row in rows)
+        cpu = statistics.median(row[name][1] / row["off"][1] for row in rows)
+        p50 = statistics.median(row[name][2] - row["off"][2] for row in rows)
+        print(f"{name:<10}{rps:>12.3f}{cpu:>20.3f}{p50 * 1000:>15.1f} us")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
