@@ -3,11 +3,12 @@
     python -m bench.features                      # every feature, 6 rounds
     python -m bench.features --rounds 8 --seconds 5 --only release,mirror
 
-Each round starts grayproxy once per variant (the order rotates from round to
-round), pinned to core 0, in front of two nginx upstreams; wrk on core 1 loads
-it for `--seconds` with keyed keep-alive GETs, then a low-rate probe measures
-the latency one request sees. A variant's figures are taken against the
-feature-less run of the same round: the machine slows down for seconds at a
+One grayproxy per variant runs side by side, pinned to core 0, in front of two
+nginx upstreams. Each round, wrk on core 1 loads every variant in turn (the
+order rotates from round to round) for `--seconds` with keyed keep-alive GETs,
+then a low-rate probe measures the latency one request sees, the variants
+taking turns request by request. A variant's figures are taken against the
+feature-less one of the same round: the machine slows down for seconds at a
 time, and a ratio within a round is steadier than a ratio of medians.
 
 The variants:
@@ -25,7 +26,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,54 +82,61 @@ Figures = tuple[float, float, float]  # requests per second, CPU seconds per req
 def measure(
     workdir: Path, names: Sequence[str], rounds: int, seconds: float, probe: int
 ) -> list[dict[str, Figures]]:
-    stable, canary, data, control = free_ports(4)
+    stable, canary, *ports = free_ports(2 + 2 * len(names))
     (workdir / "upstream").mkdir()
     conf = workdir / "upstream" / "nginx.conf"
     conf.write_text(upstream_nginx_conf(workdir / "upstream", [stable, canary], "ok"))
-    upstream = Proc("upstream", pinned(["nginx", "-c", str(conf)], 1), workdir / "upstream")
+    started = [Proc("upstream", pinned(["nginx", "-c", str(conf)], 1), workdir / "upstream")]
     script = workdir / "load.lua"
     script.write_text(wrk_lua(10_000))
-    base = grayproxy_yaml(data, control, Upstreams((stable,), (canary,)), REALISTIC)
+    upstreams = Upstreams((stable,), (canary,))
     try:
-        upstream.wait_listening([stable, canary])
+        started[0].wait_listening([stable, canary])
+        proxies: dict[str, tuple[Proc, int]] = {}
+        for index, name in enumerate(names):
+            data, control = ports[2 * index : 2 * index + 2]
+            base = grayproxy_yaml(data, control, upstreams, REALISTIC)
+            proxies[name] = (start_proxy(workdir, name, variant_yaml(name, base, workdir)), data)
+            started.append(proxies[name][0])
+        for proxy, data in proxies.values():
+            proxy.wait_listening([data])
+            load(proxy, data, script, 1)  # warm up: connections, caches, the first release tick
         rows = []
         for index in range(rounds):
             turn = index % len(names)
-            order = [*names[turn:], *names[:turn]]
-            row = {
-                name: run_once(workdir, name, base, data, script, seconds, probe) for name in order
+            loaded = {
+                name: load(*proxies[name], script, seconds)
+                for name in [*names[turn:], *names[:turn]]
             }
+            targets = [(data, "bench.test") for _, data in proxies.values()]
+            p50s = probe_latencies(targets, probe, rate=200.0)
+            row = {}
+            for name, p50 in zip(proxies, p50s, strict=True):
+                if isinstance(p50, Exception):
+                    raise p50
+                row[name] = (*loaded[name], p50)
             rows.append(row)
             print(f"round {index + 1}: " + "  ".join(_shown(n, row[n]) for n in names), flush=True)
         return rows
     finally:
-        upstream.stop()
+        for proc in reversed(started):
+            proc.stop()
 
 
-def run_once(
-    workdir: Path, name: str, base: str, port: int, script: Path, seconds: float, probe: int
-) -> Figures:
+def start_proxy(workdir: Path, name: str, yaml: str) -> Proc:
     config = workdir / f"{name}.yaml"
-    config.write_text(variant_yaml(name, base, workdir))
+    config.write_text(yaml)
     command = [sys.executable, "-m", "proxy", "run", "-c", str(config), "--log-level", "warning"]
-    proxy = Proc(f"grayproxy-{name}", pinned(command, 0), workdir, cwd=ROOT)
-    try:
-        proxy.wait_listening([port])
-        url = f"http://127.0.0.1:{port}/"
-        load = pinned(wrk_command(url, script, connections=32, threads=1, seconds=1), 1)
-        run_wrk(load, 1)  # warm up: connections, caches, the first release tick
-        before = proxy.cpu_seconds()
-        result = run_wrk(
-            pinned(wrk_command(url, script, connections=32, threads=1, seconds=seconds), 1), seconds
-        )
-        cpu = proxy.cpu_seconds() - before
-        time.sleep(0.5)
-        (p50,) = probe_latencies([(port, "bench.test")], probe, rate=200.0)
-        if isinstance(p50, Exception):
-            raise p50
-        return result.requests_per_s, cpu / max(result.requests, 1), p50
-    finally:
-        proxy.stop()
+    return Proc(f"grayproxy-{name}", pinned(command, 0), workdir, cwd=ROOT)
+
+
+def load(proxy: Proc, port: int, script: Path, seconds: float) -> tuple[float, float]:
+    """wrk on `port` for `seconds`: requests per second, and the proxy's CPU per request."""
+    url = f"http://127.0.0.1:{port}/"
+    command = pinned(wrk_command(url, script, connections=32, threads=1, seconds=seconds), 1)
+    before = proxy.cpu_seconds()
+    result = run_wrk(command, seconds)
+    return result.requests_per_s, (proxy.cpu_seconds() - before) / max(result.requests, 1)
 
 
 def _shown(name: str, figures: Figures) -> str:
