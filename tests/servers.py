@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, Self
 
+import aiohttp
 from aiohttp import web
 
 
@@ -76,6 +77,36 @@ class AppServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+
+class WebSocketUpstream(AppServer):
+    """A WebSocket server: greets with its name, echoes text as NAME:TEXT and binary
+    reversed; the text "close" makes it close the socket from its side. Records each
+    handshake's headers and counts the sockets open on its side."""
+
+    def __init__(self, loops: LoopThread, name: str) -> None:
+        super().__init__(loops, name)
+        self.handshakes: list[dict[str, str]] = []
+        self.open = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes.append(dict(request.headers))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.open += 1
+        try:
+            await ws.send_str(f"hello from {self.name}")
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    if message.data == "close":
+                        await ws.close()
+                        break
+                    await ws.send_str(f"{self.name}:{message.data}")
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(message.data[::-1])
+        finally:
+            self.open -= 1
+        return ws
 
 
 class Upstream(AppServer):

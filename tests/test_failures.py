@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from procs import ProxyProcess
 from recording import RecordingUpstream, parse_responses
-from servers import LoopThread, Upstream, decode_json, raw_server
+from servers import LoopThread, Upstream, WebSocketUpstream, decode_json, raw_server
 
 MAX_BODY = 100_000
 
@@ -62,50 +61,6 @@ services:
 
 
 # --------------------------------------------------------------------------- upstreams
-
-
-class WebSocketUpstream:
-    """Greets with its name, echoes text as NAME:TEXT and binary reversed;
-    the text "close" makes it close the socket from its side."""
-
-    def __init__(self, loops: LoopThread, name: str) -> None:
-        self.loops = loops
-        self.name = name
-        self.port = 0
-        self.handshakes: list[dict[str, str]] = []
-        self._runner: web.AppRunner | None = None
-
-    def start(self) -> WebSocketUpstream:
-        self.loops.call(self._start())
-        return self
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self.loops.call(self._runner.cleanup())
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.handshakes.append(dict(request.headers))
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_str(f"hello from {self.name}")
-        async for message in ws:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                if message.data == "close":
-                    await ws.close()
-                    break
-                await ws.send_str(f"{self.name}:{message.data}")
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(message.data[::-1])
-        return ws
 
 
 @dataclass

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.config import ConfigError
 from proxy.loader import parse_config
@@ -27,7 +26,7 @@ from proxy.routing import STICKY, RequestView, Router, ServiceRouter, hash_versi
 from proxy.tunnels import TunnelRoute, close_delays, with_sticky_cookie
 
 from procs import DIRECT, ProxyProcess
-from servers import LoopThread
+from servers import LoopThread, WebSocketUpstream
 
 WITHIN = 2.0
 MARGIN = 5.0  # on top of WITHIN: when every due close must have happened
@@ -57,58 +56,16 @@ services:
 # --------------------------------------------------------------------------- upstreams
 
 
-class EchoUpstream:
-    """A WebSocket server: greets with its name, echoes text as NAME:TEXT;
-    counts the sockets open on its side."""
-
-    def __init__(self, loops: LoopThread, name: str) -> None:
-        self.loops = loops
-        self.name = name
-        self.port = 0
-        self.open = 0
-        self._runner: web.AppRunner | None = None
-
-    def start(self) -> EchoUpstream:
-        self.loops.call(self._start())
-        return self
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            self.loops.call(self._runner.cleanup())
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self.open += 1
-        try:
-            await ws.send_str(f"hello from {self.name}")
-            async for message in ws:
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    await ws.send_str(f"{self.name}:{message.data}")
-        finally:
-            self.open -= 1
-        return ws
-
-
 @pytest.fixture(scope="module")
-def echoes(loops: LoopThread) -> Iterator[dict[str, EchoUpstream]]:
-    servers = {name: EchoUpstream(loops, name).start() for name in ("stable", "canary")}
+def echoes(loops: LoopThread) -> Iterator[dict[str, WebSocketUpstream]]:
+    servers = {name: WebSocketUpstream(loops, name).start() for name in ("stable", "canary")}
     yield servers
     for server in servers.values():
         server.stop()
 
 
 def config_for(
-    echoes: dict[str, EchoUpstream], workers: int = 1, within: float = WITHIN, rules: str = ""
+    echoes: dict[str, WebSocketUpstream], workers: int = 1, within: float = WITHIN, rules: str = ""
 ) -> str:
     return CONFIG % {
         "workers": workers,
@@ -230,7 +187,7 @@ async def close_all(tunnels: dict[str, Tunnel]) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_rollback_closes_exactly_the_canary_tunnels_spread_over_within(
-    echoes: dict[str, EchoUpstream], workers: int
+    echoes: dict[str, WebSocketUpstream], workers: int
 ) -> None:
     keys = keys_across(20, HALF)
 
@@ -264,7 +221,7 @@ def test_a_rollback_closes_exactly_the_canary_tunnels_spread_over_within(
 
 
 def test_a_weights_change_closes_only_the_tunnels_it_moves(
-    echoes: dict[str, EchoUpstream],
+    echoes: dict[str, WebSocketUpstream],
 ) -> None:
     keys = keys_across(20, HALF)
     more_canary = {"stable": 20.0, "canary": 80.0}
@@ -295,7 +252,7 @@ def test_a_weights_change_closes_only_the_tunnels_it_moves(
 
 
 def test_a_rule_added_by_a_reload_closes_the_tunnels_it_pins_elsewhere(
-    echoes: dict[str, EchoUpstream],
+    echoes: dict[str, WebSocketUpstream],
 ) -> None:
     keys = keys_across(20, HALF)
     pinned = [key for key in keys[10:] if key.endswith(("1", "3", "5", "7", "9"))]  # canary ones
@@ -319,7 +276,7 @@ def test_a_rule_added_by_a_reload_closes_the_tunnels_it_pins_elsewhere(
 
 
 def test_a_change_back_while_closes_are_pending_keeps_the_rest_open(
-    echoes: dict[str, EchoUpstream],
+    echoes: dict[str, WebSocketUpstream],
 ) -> None:
     within = 8.0
     keys = keys_across(20, HALF)
@@ -347,7 +304,7 @@ def test_a_change_back_while_closes_are_pending_keeps_the_rest_open(
 
 
 def test_without_reroute_tunnels_a_rollback_closes_nothing(
-    echoes: dict[str, EchoUpstream],
+    echoes: dict[str, WebSocketUpstream],
 ) -> None:
     keys = keys_across(20, HALF)
 
