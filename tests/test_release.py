@@ -384,6 +384,26 @@ def test_fewer_than_min_requests_on_either_side_is_inconclusive() -> None:
 
 
 @pytest.mark.parametrize(
+    ("canary", "result"),
+    [
+        (Reading(120, 0, 2.0), PASSED),
+        (Reading(120, 60, 2.0), FAILED),
+        (Reading(3, 0, 2.0), INCONCLUSIVE),
+    ],
+)
+def test_a_check_carries_its_time_and_both_readings(canary: Reading, result: str) -> None:
+    """What GET .../release shows of each check: when, and what each side measured."""
+    baseline = Reading(100, 1, 1.5)
+    check = judge(baseline, canary, analysis(), 12.5)
+    assert (check.at, check.result, check.baseline, check.canary) == (
+        12.5,
+        result,
+        baseline,
+        canary,
+    )
+
+
+@pytest.mark.parametrize(
     ("baseline_errors", "canary_errors", "result"),
     [(0, 1, PASSED), (0, 2, FAILED), (5, 6, PASSED), (5, 7, FAILED), (7, 0, PASSED)],
 )
@@ -1027,3 +1047,19 @@ services:
     # The baseline is the service's (its first version here): a release of it is refused.
     with pytest.raises(ConfigError, match=r"release.canary: line 7: 'stable' is the service's"):
         parse_config(text.replace("      canary: canary\n", ""))
+
+
+@pytest.mark.parametrize(
+    ("pause", "shown"),
+    [
+        ("250ms", "250ms"),
+        ("999ms", "999ms"),
+        ("1s", "1s"),
+        ("90s", "90s"),
+        ("2m", "2m"),
+        (61, "61s"),
+    ],
+)
+def test_a_pausing_step_says_how_long_in_the_units_a_config_uses(pause: object, shown: str) -> None:
+    spec = spec_of(steps=[{"weight": 10, "pause": pause}, {"weight": 100}])
+    assert start("web", spec, 0.0, 0.0).release.reason.endswith(f": pausing {shown}")
