@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench.procs import free_ports
 from proxy import ctl
 from proxy.cli import build_parser
 
@@ -21,7 +22,6 @@ from procs import (
     ProxyProcess,
     child_env,
     free_port,
-    free_ports,
     grayproxy_command,
     is_listening,
     run_cli,
