@@ -25,10 +25,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 from bench.procs import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def tool(name: str) -> str:
+    """The path of the program ``name``; the test is skipped where it is not installed, and
+    fails under .ci/run (GRAYPROXY_NEED_TOOLS=1), which installs every tool a test asks for."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    if os.environ.get("GRAYPROXY_NEED_TOOLS"):
+        pytest.fail(f"{name} is not installed: .ci/run should have installed it")
+    pytest.skip(f"{name} is not installed")
 
 
 def free_port() -> int:
