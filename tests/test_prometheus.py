@@ -2,9 +2,8 @@
 query of docs/metrics.md and every panel of the Grafana dashboard is evaluated in it.
 
 The queries are read out of the docs (the "Queries" section's promql blocks, each after a
-`# title` comment), so what is tested is what users copy. Each title has a check here; a
-query
-added to the docs without one, or a check left without its query, fails.
+`# title` comment), so what is tested is what users copy. Each title has a check here: a
+query added to the docs without one, or a check left without its query, fails.
 
 The service `web` has two versions, split 75/25 and held there by a release waiting for
 approval: `stable`, fast and healthy, and `canary`, which answers after CANARY_DELAY and, of
