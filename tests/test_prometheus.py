@@ -5,9 +5,10 @@ The queries are read out of the docs (the "Queries" section's promql blocks, eac
 `# title` comment), so what is tested is what users copy. Each title has a check here: a
 query added to the docs without one, or a check left without its query, fails.
 
-The service `web` has two versions, split 75/25 and held there by a release waiting for
-approval: `stable`, fast and healthy, and `canary`, which answers after CANARY_DELAY and, of
-every eight requests, fails one with a 500 and one with a connection reset mid-body (the
+Two replicas of grayproxy (a fleet: the queries sum over them) share the traffic. Their
+service `web` has two versions, split 75/25 and held there by a release waiting for approval:
+`stable`, fast and healthy, and `canary`, which answers after CANARY_DELAY and, of every
+eight requests, fails one with a 500 and one with a connection reset mid-body (the
 client gets 502, counted under kind="reset").
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import re
@@ -40,6 +42,7 @@ CANARY_DELAY = 0.05  # seconds, a bucket bound: the canary's p50 lies above it, 
 FAILURE_SHARE = 2 / 8  # the canary's 500s and resets
 RESET_SHARE = 1 / 8
 WEIGHTS = {"stable": 75.0, "canary": 25.0}
+REPLICAS = 2
 TOKEN_ENV = "PROMETHEUS_TEST_TOKEN"
 
 CONFIG = f"""
@@ -55,11 +58,26 @@ services:
       canary: {{endpoints: ["${{canary}}"]}}
     split:
       weights: {{stable: 75, canary: 25}}
+    outlier_detection: {{consecutive_5xx: 0}}   # a replica may see the canary fail in a row
     release:                        # holds the weights: waiting for approval at step 1
       canary: canary
       steps:
         - {{weight: 25, approval: true}}
         - {{weight: 100}}
+"""
+
+# Replicas that disagree: no traffic, only their weights are read.
+FLEET_CONFIG = """
+listen: "127.0.0.1:${data_port}"
+control:
+  listen: "127.0.0.1:${control_port}"
+services:
+  - name: web
+    versions:
+      stable: {endpoints: ["127.0.0.1:9"]}
+      canary: {endpoints: ["127.0.0.1:19"]}
+    split:
+      weights: {${weights}}
 """
 
 Result = list[dict[str, Any]]
@@ -132,40 +150,49 @@ class CanaryUpstream(Upstream):
         return await super()._handle(request.clone(rel_url=path))
 
 
-def send_traffic(url: str, stop: threading.Event) -> None:
-    """One request after another, about 20 a second, until `stop` is set."""
-    while not stop.is_set():
+def send_traffic(urls: list[str], stop: threading.Event) -> None:
+    """One request after another, to each URL in turn, about 20 a second, until `stop`."""
+    for url in itertools.cycle(urls):
+        if stop.is_set():
+            return
         with contextlib.suppress(OSError, http.client.HTTPException):  # the resets
             http_get(url, timeout=5.0)
         stop.wait(0.02)
 
 
 @pytest.fixture(scope="module")
-def proxy(loops: LoopThread) -> Iterator[ProxyProcess]:
-    """grayproxy under traffic, from a background thread for the whole module."""
+def proxies(loops: LoopThread) -> Iterator[list[ProxyProcess]]:
+    """The replicas, under traffic from a background thread for the whole module."""
     stable = Upstream(loops, "stable").start()
     canary = CanaryUpstream(loops).start()
     config = CONFIG.replace("${stable}", stable.address).replace("${canary}", canary.address)
     stop = threading.Event()
-    with ProxyProcess(config, env={TOKEN_ENV: "prometheus-test-token"}) as proxy:
-        traffic = threading.Thread(target=send_traffic, args=(proxy.data_url + "/", stop))
+    with contextlib.ExitStack() as stack:
+        replicas = [
+            stack.enter_context(ProxyProcess(config, env={TOKEN_ENV: "prometheus-test-token"}))
+            for _ in range(REPLICAS)
+        ]
+        urls = [replica.data_url + "/" for replica in replicas]
+        traffic = threading.Thread(target=send_traffic, args=(urls, stop))
         traffic.start()
-        try:
-            yield proxy
-        finally:
-            stop.set()
-            traffic.join(10)
+        stack.callback(traffic.join, 10)
+        stack.callback(stop.set)
+        yield replicas
     stable.stop()
     canary.stop()
 
 
 @pytest.fixture(scope="module")
-def prometheus(proxy: ProxyProcess) -> Iterator[PrometheusProcess]:
+def prometheus(proxies: list[ProxyProcess]) -> Iterator[PrometheusProcess]:
     """A real Prometheus that has scraped both versions' requests and the canary's resets."""
-    with PrometheusProcess([f"127.0.0.1:{proxy.control_port}"]) as prometheus:
+    with PrometheusProcess(control_addresses(proxies)) as prometheus:
         prometheus.wait_for("count(sum by (version) (rate(grayproxy_requests_total[1m]) > 0)) == 2")
         prometheus.wait_for('rate(grayproxy_upstream_errors_total{kind="reset"}[1m]) > 0')
         yield prometheus
+
+
+def control_addresses(proxies: list[ProxyProcess]) -> list[str]:
+    return [f"127.0.0.1:{proxy.control_port}" for proxy in proxies]
 
 
 def eventually(check: Callable[[], T], timeout: float = 30.0) -> T:
@@ -245,6 +272,9 @@ def check_upstream_errors(result: Result, prometheus: PrometheusProcess) -> None
     assert {kind for (version, kind) in rates} >= {"connect", "timeout", "reset"}, rates
     failing = {key for key, rate in rates.items() if rate > 0}
     assert failing == {("canary", "reset")}, rates
+    requests = prometheus.query('sum(rate(grayproxy_requests_total{version="canary"}[1m]))')
+    share = rates["canary", "reset"] / value(requests[0])
+    assert share == pytest.approx(RESET_SHARE, abs=0.06), (rates, requests)
 
 
 def check_release_state(result: Result, prometheus: PrometheusProcess) -> None:
@@ -257,12 +287,12 @@ def check_release_step(result: Result, prometheus: PrometheusProcess) -> None:
 
 def check_no_endpoint_down(result: Result, prometheus: PrometheusProcess) -> None:
     assert result == []
-    assert len(prometheus.query("grayproxy_endpoint_healthy")) == 2  # scraped, and all up
+    assert len(prometheus.query("grayproxy_endpoint_healthy")) == 2 * REPLICAS  # all up
 
 
 def check_replicas_agree(result: Result, prometheus: PrometheusProcess) -> None:
     assert result == []
-    assert len(prometheus.query("grayproxy_weight")) == 2
+    assert len(prometheus.query("grayproxy_weight")) == 2 * REPLICAS
 
 
 CHECKS: dict[str, Check] = {
@@ -314,15 +344,35 @@ def test_documented_scrape_configs_are_valid(tmp_path: Path) -> None:
         assert checked.returncode == 0, block + checked.stdout + checked.stderr
 
 
-def test_scraped_without_the_token(prometheus: PrometheusProcess, proxy: ProxyProcess) -> None:
-    assert http_get(proxy.control_url + "/api/v1/services")[0] == 401  # the API needs it
-    (target,) = prometheus.targets_up()
-    assert target["health"] == "up", target
+def test_scraped_without_the_token(
+    prometheus: PrometheusProcess, proxies: list[ProxyProcess]
+) -> None:
+    assert http_get(proxies[0].control_url + "/api/v1/services")[0] == 401  # the API needs it
+    targets = prometheus.targets_up()
+    assert len(targets) == REPLICAS
+    assert all(target["health"] == "up" for target in targets), targets
 
 
-def test_promtool_check_metrics(proxy: ProxyProcess) -> None:
+def test_replicas_that_disagree_on_a_weight_are_found() -> None:
+    """The fleet query finds the versions whose weights differ between two replicas."""
+    config = FLEET_CONFIG.replace("${weights}", "stable: 90, canary: 10")
+    other = FLEET_CONFIG.replace("${weights}", "stable: 50, canary: 50")
+    with (
+        ProxyProcess(config) as replica,
+        ProxyProcess(other) as other_replica,
+        PrometheusProcess(control_addresses([replica, other_replica])) as prometheus,
+    ):
+        title = "replicas that disagree on a weight (none: no series)"
+        result = prometheus.wait_for(doc_queries()[title])
+        assert by_labels(result, "service", "version") == {
+            ("web", "stable"): 90.0,
+            ("web", "canary"): 50.0,
+        }
+
+
+def test_promtool_check_metrics(proxies: list[ProxyProcess]) -> None:
     def scrape_with_failures() -> bytes:
-        status, _, body = http_get(proxy.control_url + "/metrics")
+        status, _, body = http_get(proxies[0].control_url + "/metrics")
         assert status == 200 and b'code="502"' in body and b'code="500"' in body
         return body
 
