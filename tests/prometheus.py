@@ -29,6 +29,7 @@ class PrometheusProcess:
     """Prometheus scraping ``targets`` (host:port of control listeners, path /metrics)."""
 
     def __init__(self, targets: Sequence[str]) -> None:
+        self.program = tool("prometheus")  # first: a skipped test leaves no directory behind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="grayproxy-prometheus-"))
@@ -52,7 +53,7 @@ class PrometheusProcess:
         with open(self.workdir / "log", "ab") as log:
             self.process = subprocess.Popen(
                 [
-                    tool("prometheus"),
+                    self.program,
                     f"--config.file={self.config_path}",
                     f"--storage.tsdb.path={self.workdir / 'data'}",
                     f"--web.listen-address=127.0.0.1:{self.port}",

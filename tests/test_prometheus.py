@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from prometheus import PrometheusProcess
 
 from procs import REPO_ROOT, ProxyProcess, http_get, tool
+from prometheus import PrometheusProcess
 from servers import LoopThread, Upstream
 
 DOCS = REPO_ROOT / "docs" / "metrics.md"
