@@ -194,13 +194,18 @@ def test_a_burst_of_writes_is_one_reload(upstreams: dict[str, Upstream]) -> None
         # Writes every 0.1 s for longer than two polls: each poll in the burst sees a change,
         # and the file never stays the same for SETTLE until the last write.
         burst = range(1, 31)
+        written_at = []
         for canary in burst:
             proxy.write_config(config(upstreams, canary))
+            written_at.append(time.monotonic())
             time.sleep(0.1)
         wait_for_canary(proxy, burst[-1])
         time.sleep(QUIET)
-        assert len(file_reloads(proxy)) == 1
-        assert proxy.stderr.count("reloaded: generation") == 1
+        # One reload, unless this test stalled between two writes for longer than SETTLE
+        # (a busy machine): the watcher rightly took the file as settled there.
+        stalls = sum(b - a >= SETTLE for a, b in itertools.pairwise(written_at))
+        assert 1 <= len(file_reloads(proxy)) <= 1 + stalls
+        assert proxy.stderr.count("reloaded: generation") == len(file_reloads(proxy))
 
 
 def test_a_touch_or_an_identical_rewrite_does_not_reload(
