@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=_positive_int, metavar="N", help="processes sharing the port"
     )
+    run.add_argument("--watch", action="store_true", help="reload when the config file changes")
     _add_log_level(run)
     run.set_defaults(handler=_run)
 
@@ -115,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `check` and `ctl` stay quick without aiohttp and uvloop.
     from proxy import server
 
-    return _serve(lambda: server.run(config, args.config, as_in_file=as_in_file))
+    return _serve(lambda: server.run(config, args.config, as_in_file=as_in_file, watch=args.watch))
 
 
 def _check(args: argparse.Namespace) -> int:

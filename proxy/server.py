@@ -1,5 +1,5 @@
-"""Lifecycle: open the listeners, serve, reload on SIGHUP, drain on SIGTERM;
-SIGUSR1 reopens the access log (in every worker).
+"""Lifecycle: open the listeners, serve, reload on SIGHUP (and with --watch when the
+config file changes), drain on SIGTERM; SIGUSR1 reopens the access log (in every worker).
 
 With `workers: 1` this process serves data itself. With more, it becomes the
 supervisor (proxy/workers.py): it keeps the control API and the live state,
@@ -25,6 +25,7 @@ from .config import Config, ConfigError
 from .metrics import EndpointHealth, Metrics
 from .state import LiveState
 from .tls import ServerCertificate
+from .watch import ConfigWatch
 from .workers import DataServer, Supervisor, reserve_port
 
 log = logging.getLogger("grayproxy")
@@ -36,12 +37,15 @@ def run(
     *,
     setup: Callable[[], Awaitable[None]] | None = None,
     as_in_file: Config | None = None,
+    watch: bool = False,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code. `as_in_file`
-    is the config as its file gave it, when `config` differs (--workers)."""
+    is the config as its file gave it, when `config` differs (--workers); `watch`
+    reloads the config file when it changes (proxy/watch.py)."""
     raise_file_limit()
+    watcher = ConfigWatch(config_path) if watch and config_path is not None else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, config_path, setup, as_in_file))
+        return runner.run(serve(config, config_path, setup, as_in_file, watcher))
 
 
 def raise_file_limit() -> None:
@@ -58,15 +62,18 @@ async def serve(
     config_path: str | None,
     setup: Callable[[], Awaitable[None]] | None = None,
     as_in_file: Config | None = None,
+    watcher: ConfigWatch | None = None,
 ) -> int:
     if setup is not None:
         await setup()
     if config.workers > 1:
-        return await serve_supervised(config, config_path, as_in_file or config)
-    return await serve_alone(config, config_path, as_in_file or config)
+        return await serve_supervised(config, config_path, as_in_file or config, watcher)
+    return await serve_alone(config, config_path, as_in_file or config, watcher)
 
 
-async def serve_alone(config: Config, config_path: str | None, as_in_file: Config) -> int:
+async def serve_alone(
+    config: Config, config_path: str | None, as_in_file: Config, watcher: ConfigWatch | None
+) -> int:
     state = LiveState(config, config_path, as_in_file=as_in_file)
     if config.state_file is not None:
         state.attach_state_file(config.state_file)  # before the first request is routed
@@ -83,7 +90,7 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
         control_url(runner, state.snapshot.config.control.tls is not None),
         data_path_build(),
     )
-    await until_stopped(state)
+    await until_stopped(state, watcher)
     log.info("draining (up to %gs)", state.snapshot.config.drain_timeout)  # as last reloaded
     await data.drain()
     await runner.cleanup()
@@ -92,7 +99,9 @@ async def serve_alone(config: Config, config_path: str | None, as_in_file: Confi
     return 0
 
 
-async def serve_supervised(config: Config, config_path: str | None, as_in_file: Config) -> int:
+async def serve_supervised(
+    config: Config, config_path: str | None, as_in_file: Config, watcher: ConfigWatch | None
+) -> int:
     config, port_holder = reserve_port(config)
     state = LiveState(config, config_path, as_in_file=as_in_file)
     if config.state_file is not None:
@@ -124,7 +133,7 @@ async def serve_supervised(config: Config, config_path: str | None, as_in_file: 
         control_url(runner, state.snapshot.config.control.tls is not None),
         data_path_build(),
     )
-    await until_stopped(state)
+    await until_stopped(state, watcher)
     drain_timeout = state.snapshot.config.drain_timeout  # as last reloaded
     log.info("draining (up to %gs)", drain_timeout)
     await supervisor.stop(drain_timeout)
@@ -159,8 +168,9 @@ async def start_control(
     return runner
 
 
-async def until_stopped(state: LiveState) -> None:
-    """Wait for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file."""
+async def until_stopped(state: LiveState, watcher: ConfigWatch | None = None) -> None:
+    """Wait for SIGTERM or SIGINT; meanwhile SIGHUP reloads the config file, and so does
+    `watcher`, if any, when the file changes."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
@@ -169,24 +179,30 @@ async def until_stopped(state: LiveState) -> None:
         # One reload running and one waiting are enough: the waiting one reads the file
         # when its turn comes, so it sees every change a further SIGHUP could announce.
         if len(reloads) < 2:
-            task = loop.create_task(reload_from_signal(state))
+            task = loop.create_task(reload_and_log(state, "signal"))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    watching = None
+    if watcher is not None:
+        watching = loop.create_task(watcher.run(lambda: reload_and_log(state, "file")))
     try:
         await stop.wait()
     finally:
+        if watching is not None:
+            watching.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
-async def reload_from_signal(state: LiveState) -> None:
-    """Reload like POST /api/v1/reload (parsed in a thread); the outcome goes to the log."""
+async def reload_and_log(state: LiveState, actor: str) -> None:
+    """Reload like POST /api/v1/reload (parsed in a thread); the outcome goes to the log.
+    `actor` is "signal" (SIGHUP) or "file" (--watch)."""
     try:
-        snapshot = await state.reload(actor="signal")
+        snapshot = await state.reload(actor=actor)
     except ConfigError as exc:
         log.error("reload refused, running config kept:\n  %s", "\n  ".join(exc.errors))
     except Exception:
