@@ -17,6 +17,7 @@ const state = {
   cards: new Map(), // service name -> its card's elements
   history: new Map(), // service name -> [{t, versions: {name: stats}}]
   timer: null,
+  lastTotals: null, // {t, totals} of the last poll, for the request rate
   connected: false, // the token (or none) was accepted: polling
   polling: false,
   pollAgain: false,
@@ -158,13 +159,15 @@ async function poll() {
 
 async function refresh() {
   try {
-    const listing = await api("GET", "/api/v1/services");
+    const [listing, totals] = await Promise.all([api("GET", "/api/v1/services"), requestTotals()]);
     const releases = await Promise.all(listing.services.map((s) => releaseOf(s.name)));
     if (!state.connected) return;
     byId("banner").hidden = true;
     const now = Date.now();
+    const rates = ratesSince(state.lastTotals, { t: now, totals });
+    state.lastTotals = { t: now, totals };
     listing.services.forEach((service, index) => {
-      record(service, now);
+      record(service, now, rates);
       render(service, releases[index]);
     });
     dropGone(listing.services);
@@ -186,10 +189,43 @@ async function releaseOf(name) {
   }
 }
 
-function record(service, now) {
+// The request rate is live: the growth of grayproxy_requests_total (/metrics, which needs no
+// token) between two polls. The other numbers are the API's stats, over the last minute.
+async function requestTotals() {
+  const response = await fetch("/metrics", { cache: "no-store" });
+  if (!response.ok) throw new ApiError(response.status, { error: "GET /metrics failed" });
+  const totals = new Map(); // "service\nversion" -> requests finished since the start
+  for (const line of (await response.text()).split("\n")) {
+    if (!line.startsWith("grayproxy_requests_total{")) continue;
+    const labels = {};
+    for (const [, name, value] of line.matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
+      labels[name] = value.replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+    }
+    const key = `${labels.service}\n${labels.version}`;
+    totals.set(key, (totals.get(key) || 0) + Number(line.slice(line.lastIndexOf(" ") + 1)));
+  }
+  return totals;
+}
+
+function ratesSince(before, now) {
+  const rates = new Map();
+  if (!before) return rates;
+  const seconds = (now.t - before.t) / 1000;
+  for (const [key, total] of now.totals) {
+    const previous = before.totals.get(key);
+    // A restart resets the counters: no rate for that interval.
+    if (previous !== undefined && total >= previous) rates.set(key, (total - previous) / seconds);
+  }
+  return rates;
+}
+
+function record(service, now, rates) {
   const points = state.history.get(service.name) || [];
   const versions = {};
-  for (const [name, version] of Object.entries(service.versions)) versions[name] = version.stats;
+  for (const [name, version] of Object.entries(service.versions)) {
+    const rate = rates.get(`${service.name}\n${name}`);
+    versions[name] = { ...version.stats, rate: rate === undefined ? null : rate };
+  }
   points.push({ t: now, versions });
   while (points.length && points[0].t < now - HISTORY_MS) points.shift();
   state.history.set(service.name, points);
@@ -300,14 +336,17 @@ function buildVersionControls(card, names) {
 }
 
 function renderVersions(card, service) {
+  const points = state.history.get(service.name);
+  const latest = points[points.length - 1].versions;
   const rows = Object.entries(service.versions).map(([name, version]) => {
     const row = el("tr");
     row.dataset.version = name;
     const stats = version.stats;
+    const rate = latest[name].rate;
     row.append(
       el("td", name),
       el("td", version.weight, "weight-value"),
-      el("td", (stats.requests / 60).toFixed(2), "rate-value"),
+      el("td", rate === null ? "-" : rate.toFixed(1), "rate-value"),
       el("td", `${stats.errors} (${(stats.error_rate * 100).toFixed(2)} %)`),
       el("td", stats.p50_ms),
       el("td", stats.p99_ms),
@@ -405,7 +444,7 @@ async function change(card, method, action, body, held) {
 // --- charts -----------------------------------------------------------------------------
 
 const METRICS = {
-  rate: [{ value: (s) => s.requests / 60 }],
+  rate: [{ value: (s) => s.rate }],
   errors: [{ value: (s) => s.error_rate * 100 }],
   latency: [{ value: (s) => s.p99_ms }, { value: (s) => s.p50_ms, dash: [4, 3] }],
 };
@@ -431,7 +470,7 @@ function drawChart(canvas, points, names) {
   const span = Math.max(MIN_SPAN_MS, now - (points.length ? points[0].t : now));
   const values = points.flatMap((p) =>
     names.flatMap((n) => (p.versions[n] ? lines.map((l) => l.value(p.versions[n])) : [])),
-  );
+  ).filter((v) => v !== null);
   const top = niceCeiling(Math.max(0, ...values));
   const plot = { left: 44, right: width - 8, top: 8, bottom: height - 18 };
   const x = (t) => plot.right - ((now - t) / span) * (plot.right - plot.left);
@@ -446,7 +485,7 @@ function drawChart(canvas, points, names) {
       let started = false;
       for (const point of points) {
         const stats = point.versions[name];
-        if (!stats) continue;
+        if (!stats || line.value(stats) === null) continue;
         const [px, py] = [x(point.t), y(line.value(stats))];
         if (started) g.lineTo(px, py);
         else g.moveTo(px, py);
