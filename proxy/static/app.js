@@ -9,6 +9,7 @@ const MIN_SPAN_MS = 60 * 1000;
 const TOKEN_KEY = "grayproxy.token";
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2"];
 const HELD_HINT = "The weights are held: use the release's controls, or tick force to abort it.";
+const SHOWN_CHECKS = 10; // of the 20 the API keeps, newest first
 const ACTIVE = new Set(["progressing", "waiting", "paused"]);
 
 const state = {
@@ -397,7 +398,7 @@ function renderRelease(card, release) {
   for (const button of box.querySelectorAll(".release-command")) {
     button.disabled = state.readOnly || !allowed[button.dataset.command];
   }
-  const checks = release.checks.slice().reverse().map(checkRow);
+  const checks = release.checks.slice(-SHOWN_CHECKS).reverse().map(checkRow);
   find(".checks tbody").replaceChildren(...checks);
 }
 
