@@ -329,3 +329,32 @@ def test_the_page_is_locked_down_and_works_offline(browser: Browser, proxy: Prox
     assert elsewhere == []
     assert refused == []  # nothing the page does is blocked by its own policy
     context.close()
+
+
+def test_without_tokens_nothing_is_asked_and_data_stays_text(
+    browser: Browser, upstreams: dict[str, Upstream]
+) -> None:
+    markup = "/<img/src=x/onerror=alert(1)>"  # a valid path prefix, and valid HTML
+    config = f"""
+listen: "127.0.0.1:${{data_port}}"
+control: {{listen: "127.0.0.1:${{control_port}}"}}
+services:
+  - name: odd
+    match: {{path_prefix: "{markup}"}}
+    baseline: stable
+    versions:
+      stable: {{endpoints: ["{upstreams["stable"].address}"]}}
+"""
+    with ProxyProcess(config) as proc:
+        page = browser.new_context().new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        dialogs: list[str] = []
+        page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+        page.goto(proc.control_url + "/")
+        expect(page.locator("#who")).to_have_text("no token needed")
+        odd = card(page, "odd")
+        expect(odd.locator(".service-match")).to_contain_text(markup)
+        expect(page.locator("#login")).to_be_hidden()
+        assert page.locator("img").count() == 0
+        assert dialogs == []
+        page.context.close()
