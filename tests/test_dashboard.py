@@ -197,15 +197,13 @@ def chart_pixels(page: Page, service: str, metric: str) -> int:
     return count
 
 
-def test_a_weight_change_on_the_page_changes_where_traffic_goes(
+def test_weights_promote_and_rollback_from_the_page_move_real_traffic(
     browser: Browser, proxy: ProxyProcess
 ) -> None:
     page = open_dashboard(browser, proxy, OPS)
     web = card(page, "web")
     expect(row(page, "web", "stable").locator(".weight-value")).to_have_text("90")
-    web.locator('input[name="stable"]').fill("0")
-    web.locator('input[name="canary"]').fill("100")
-    web.locator("button.set-weights").click()
+    set_weights_on_page(web, stable=0, canary=100)
     expect(row(page, "web", "canary").locator(".weight-value")).to_have_text("100")
     try:
         assert weights(proxy, "web") == {"stable": 0, "canary": 100}
@@ -213,6 +211,16 @@ def test_a_weight_change_on_the_page_changes_where_traffic_goes(
             decode_json(http_get(proxy.data_url + f"/page/{n}")[2])["upstream"] for n in range(50)
         )
         assert answered == {"canary": 50}
+
+        web.locator(".promote-version").select_option("stable")
+        web.locator("button.promote-button").click()
+        expect(row(page, "web", "stable").locator(".weight-value")).to_have_text("100")
+        assert weights(proxy, "web") == {"stable": 100, "canary": 0}
+        set_weights_on_page(web, stable=0, canary=100)
+        expect(row(page, "web", "canary").locator(".weight-value")).to_have_text("100")
+        web.locator("button.rollback-button").click()  # to the baseline, stable
+        expect(row(page, "web", "stable").locator(".weight-value")).to_have_text("100")
+        assert weights(proxy, "web") == {"stable": 100, "canary": 0}
     finally:
         api(proxy, "PUT", "/api/v1/services/web/weights", {"stable": 90, "canary": 10})
     page.context.close()
@@ -228,21 +236,40 @@ def test_a_release_is_approved_from_the_page(browser: Browser, proxy: ProxyProce
     expect(approve).to_be_enabled()
 
     # The release holds the weights: the page shows the API's 409 and nothing changes.
-    shop.locator('input[name="stable"]').fill("0")
-    shop.locator('input[name="canary"]').fill("100")
-    shop.locator("button.set-weights").click()
+    set_weights_on_page(shop, stable=0, canary=100)
     expect(shop.locator(".message")).to_contain_text("HTTP 409")
     expect(shop.locator(".message")).to_contain_text("holds the weights")
     assert weights(proxy, "shop") == {"stable": 50, "canary": 50}
     shop.locator("button.reset-weights").click()
     save_screenshots(page, release)
 
+    release.locator('button[data-command="pause"]').click()
+    expect(release.locator(".release-state")).to_have_text("paused")
+    expect(release.locator('button[data-command="pause"]')).to_be_disabled()
+    release.locator('button[data-command="resume"]').click()
+    expect(release.locator(".release-state")).to_have_text("waiting")
     approve.click()
     expect(release.locator(".release-state")).to_have_text("promoted")
     assert api(proxy, "GET", "/api/v1/services/shop/release")["state"] == "promoted"
     assert weights(proxy, "shop") == {"stable": 0, "canary": 100}
     expect(approve).to_be_disabled()
+
+    # Another release; "force" on the page aborts it and the weights apply.
+    steps = [{"weight": 50, "approval": True}, {"weight": 100}]
+    api(proxy, "POST", "/api/v1/services/shop/release", {"canary": "canary", "steps": steps})
+    expect(release.locator(".release-state")).to_have_text("waiting")
+    set_weights_on_page(shop, stable=100, canary=0, force=True)
+    expect(release.locator(".release-state")).to_have_text("aborted")
+    expect(shop.locator(".message")).to_be_hidden()
+    assert weights(proxy, "shop") == {"stable": 100, "canary": 0}
     page.context.close()
+
+
+def set_weights_on_page(service: Any, *, stable: int, canary: int, force: bool = False) -> None:
+    service.locator('input[name="stable"]').fill(str(stable))
+    service.locator('input[name="canary"]').fill(str(canary))
+    service.locator(".force-box").set_checked(force)
+    service.locator("button.set-weights").click()
 
 
 def save_screenshots(page: Page, release: Any) -> None:
