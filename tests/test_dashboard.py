@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Route, expect, sync_playwright
 
 from procs import DIRECT, ProxyProcess, http_get, tool
 from servers import Upstream, decode_json
@@ -68,7 +68,10 @@ services:
 def proxy(upstreams: dict[str, Upstream]) -> Iterator[ProxyProcess]:
     config = CONFIG.replace("STABLE", upstreams["stable"].address)
     config = config.replace("CANARY", upstreams["canary"].address)
-    with ProxyProcess(config, env=TOKENS) as proc, light_traffic(proc):
+    with (
+        ProxyProcess(config, env=TOKENS) as proc,
+        sending(proc, ("/shop/item", "/page"), pause=0.025),  # light: a few dozen a second
+    ):
         yield proc
 
 
@@ -82,21 +85,8 @@ def browser() -> Iterator[Browser]:
 
 
 @contextmanager
-def light_traffic(proxy: ProxyProcess) -> Iterator[None]:
-    """A few dozen requests a second to each service, from a thread, until the block ends."""
-    with sending(proxy, ("/shop/item", "/page"), pause=0.025):
-        yield
-
-
-@contextmanager
-def more_traffic(proxy: ProxyProcess) -> Iterator[None]:
-    """Requests to "web" one after the other, without pause, until the block ends."""
-    with sending(proxy, ("/page",), pause=0):
-        yield
-
-
-@contextmanager
 def sending(proxy: ProxyProcess, paths: tuple[str, ...], pause: float) -> Iterator[None]:
+    """GET each of ``paths``, then ``pause`` seconds, from a thread, until the block ends."""
     stop = threading.Event()
 
     def send() -> None:
@@ -142,11 +132,11 @@ def log_in(page: Page, token: str) -> None:
     page.click("#login button[type=submit]")
 
 
-def card(page: Page, service: str) -> Any:
+def card(page: Page, service: str) -> Locator:
     return page.locator(f'section.service[data-service="{service}"]')
 
 
-def row(page: Page, service: str, version: str) -> Any:
+def row(page: Page, service: str, version: str) -> Locator:
     return card(page, service).locator(f'tr[data-version="{version}"]')
 
 
@@ -171,7 +161,7 @@ def test_shows_the_services_their_versions_weights_and_live_numbers(
     rate = row(page, "web", "stable").locator(".rate-value")
     poll(lambda: rate.inner_text() not in ("-", "0.0"))  # the light traffic, measured
     light = float(rate.inner_text())
-    with more_traffic(proxy):  # as fast as one client goes: the rate shown rises with it
+    with sending(proxy, ("/page",), pause=0):  # as fast as one client goes: the rate rises
         poll(lambda: float(rate.inner_text()) >= 2 * light)
     assert chart_pixels(page, "web", "rate") > 0  # the history is drawn
 
@@ -265,14 +255,14 @@ def test_a_release_is_approved_from_the_page(browser: Browser, proxy: ProxyProce
     page.context.close()
 
 
-def set_weights_on_page(service: Any, *, stable: int, canary: int, force: bool = False) -> None:
+def set_weights_on_page(service: Locator, *, stable: int, canary: int, force: bool = False) -> None:
     service.locator('input[name="stable"]').fill(str(stable))
     service.locator('input[name="canary"]').fill(str(canary))
     service.locator(".force-box").set_checked(force)
     service.locator("button.set-weights").click()
 
 
-def save_screenshots(page: Page, release: Any) -> None:
+def save_screenshots(page: Page, release: Locator) -> None:
     """With GRAYPROXY_SCREENSHOTS=DIR: the page and the release panel, for the docs."""
     directory = os.environ.get("GRAYPROXY_SCREENSHOTS")
     if directory:
