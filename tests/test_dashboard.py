@@ -193,8 +193,14 @@ def test_weights_promote_and_rollback_from_the_page_move_real_traffic(
     page = open_dashboard(browser, proxy, OPS)
     web = card(page, "web")
     expect(row(page, "web", "stable").locator(".weight-value")).to_have_text("90")
+    set_weights_on_page(web, stable=0, canary=0)  # refused: the page shows why
+    expect(web.locator(".message")).to_contain_text("HTTP 400: refused; nothing changed")
+    expect(web.locator(".message li")).to_contain_text(["at least one weight must be above"])
+    assert weights(proxy, "web") == {"stable": 90, "canary": 10}
+
     set_weights_on_page(web, stable=0, canary=100)
     expect(row(page, "web", "canary").locator(".weight-value")).to_have_text("100")
+    expect(web.locator(".message")).to_be_hidden()
     try:
         assert weights(proxy, "web") == {"stable": 0, "canary": 100}
         answered = Counter(
