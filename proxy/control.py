@@ -10,7 +10,7 @@ Change safety (docs/change-safety.md) is two middlewares, so that routes other
 modules add get it too. ``_bearer_auth`` finds the caller's token among all of
 them (each compared in constant time, none skipped), refuses a change to a
 ``read`` token (403), and sets ``request[ACTOR]`` to the token's name (handlers
-read it with ``actor_of(request)``).
+read it with ``actor_of(request)``) and ``request[ROLE]`` to its role.
 ``_versioned`` handles If-Match and ETag: a stale If-Match is refused at once
 (412); otherwise the request's If-Match is put where LiveState checks it
 (``state.IF_MATCH``) when the change applies, in the same synchronous step as the
