@@ -10,7 +10,7 @@ Change safety (docs/change-safety.md) is two middlewares, so that routes other
 modules add get it too. ``_bearer_auth`` finds the caller's token among all of
 them (each compared in constant time, none skipped), refuses a change to a
 ``read`` token (403), and sets ``request[ACTOR]`` to the token's name (handlers
-read it with ``actor_of(request)``).
+read it with ``actor_of(request)``) and ``request[ROLE]`` to its role.
 ``_versioned`` handles If-Match and ETag: a stale If-Match is refused at once
 (412); otherwise the request's If-Match is put where LiveState checks it
 (``state.IF_MATCH``) when the change applies, in the same synchronous step as the
@@ -34,6 +34,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.audit import parse_limit
 from proxy.config import ConfigError, Control, FieldMatch, Rule, Service, Split, Token
+from proxy.dashboard import add_dashboard
 from proxy.errors import ControlRefused, InvalidRequest, UnknownService
 from proxy.explain import explain, read_facts
 from proxy.metrics import EndpointHealth, Metrics
@@ -55,6 +56,7 @@ READ_METHODS = frozenset({"GET", "HEAD"})  # what a "read" token may call
 # ... and these, which change nothing (explain answers without sending anything).
 READ_POSTS = frozenset({"/api/v1/services/{name}/explain"})
 ACTOR = web.RequestKey("actor", str)  # who makes the request's changes (a token's name)
+ROLE = web.RequestKey("role", str)  # what the request's token may do: "admin" or "read"
 _MAX_GENERATION_DIGITS = 18
 
 
@@ -85,11 +87,13 @@ def create_app(
             web.post("/api/v1/services/{name}/explain", api.explain),
             web.post("/api/v1/reload", api.reload),
             web.get("/api/v1/audit", api.audit),
+            web.get("/api/v1/whoami", whoami),
             web.get("/healthz", api.healthz),
             web.get("/readyz", api.readyz),
             web.get("/metrics", api.metrics),
         ]
     )
+    add_dashboard(app)
     releases = releases or Releases(state, metrics, refresh=refresh)
     add_release_api(app, releases, actor_of)
     state.add_persisted("releases", releases.dump)
@@ -136,7 +140,7 @@ def _bearer_auth(state: LiveState) -> Middleware:
             return await handler(request)
         tokens = _tokens(state.snapshot.config.control)
         if not tokens:
-            request[ACTOR] = DEFAULT_ACTOR
+            request[ACTOR], request[ROLE] = DEFAULT_ACTOR, "admin"
             return await handler(request)
         token = _token_of(request, tokens)
         if token is None:
@@ -146,7 +150,7 @@ def _bearer_auth(state: LiveState) -> Middleware:
         if token.role != "admin" and not _reads_only(request):
             why = f"token {token.name!r} has the role {token.role!r}: it may only read (GET)"
             return error_response(403, "forbidden: a change needs an admin token", [why])
-        request[ACTOR] = token.name
+        request[ACTOR], request[ROLE] = token.name, token.role
         return await handler(request)
 
     return bearer_auth
@@ -259,6 +263,11 @@ def actor_of(request: web.Request) -> str:
     """Who makes the request's changes: its token's name (set by the auth middleware)."""
     actor: str = request.get(ACTOR, DEFAULT_ACTOR)
     return actor
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's token: its name and role (the dashboard disables its controls for "read")."""
+    return web.json_response({"name": actor_of(request), "role": request[ROLE]})
 
 
 async def _json_body(request: web.Request) -> object:
