@@ -95,7 +95,7 @@ $(BENCH_INSTALLED): pyproject.toml setup.py | $(BIN)/python
 
 # The package built as a user's `pip install .` builds it (mypyc, a C compiler and Python's
 # headers: see setup.py), again whenever a module changes.
-$(COMPILED): pyproject.toml setup.py $(wildcard proxy/*.py) | $(INSTALLED)
+$(COMPILED): pyproject.toml setup.py $(wildcard proxy/*.py) $(wildcard proxy/static/*) | $(INSTALLED)
 	rm -rf $(COMPILED_DIR)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
 		--target $(COMPILED_DIR) .
