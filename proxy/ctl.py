@@ -34,10 +34,13 @@ Handler = Callable[["ControlClient", argparse.Namespace], Json]
 class ControlCallFailed(Exception):
     """A failed control-API call: the message and details to show, one line each."""
 
-    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, details: Sequence[str] = (), status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = list(details)
+        self.status = status  # the API's HTTP status; None when there was no answer
 
 
 class ControlClient:
@@ -115,9 +118,10 @@ def _api_error(status: int, raw: bytes) -> ControlCallFailed:
         details = body.get("details") or []
         if not isinstance(details, list):
             details = [details]
-        return ControlCallFailed(f"HTTP {status}: {body['error']}", [str(d) for d in details])
+        message = f"HTTP {status}: {body['error']}"
+        return ControlCallFailed(message, [str(d) for d in details], status)
     text = raw.decode("utf-8", "replace").strip()
-    return ControlCallFailed(f"HTTP {status}: {text or 'no body'}")
+    return ControlCallFailed(f"HTTP {status}: {text or 'no body'}", status=status)
 
 
 # ---- the commands: each returns the API's JSON answer -------------------------------------
@@ -129,7 +133,7 @@ def _status(client: ControlClient, args: argparse.Namespace) -> Json:
     return client.call("GET", "/api/v1/services")
 
 
-def _weights(client: ControlClient, args: argparse.Namespace) -> Json:
+def put_weights(client: ControlClient, args: argparse.Namespace) -> Json:
     path = f"/api/v1/services/{_quote(args.service)}/weights"
     return client.call("PUT", path, args.weights, headers=if_match(args))
 
@@ -419,7 +423,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     weights.add_argument(
         "weights", nargs="+", type=parse_weight, action=_WeightsAction, metavar="VERSION=WEIGHT"
     )
-    weights.set_defaults(call=_weights)
+    weights.set_defaults(call=put_weights)
 
     promote = actions.add_parser("promote", parents=[json_flag, guarded], help="one version to 100")
     promote.add_argument("service")

@@ -98,13 +98,13 @@ def change_everywhere(
 ) -> list[Answer]:
     """``call`` on every replica at once, each guarded by If-Match of the generation it
     reported just before (or of ``args.if_match``, when given)."""
-    return _each(urls, token, lambda client: _guarded(client, call, args))
+    return each(urls, token, lambda client: _guarded(client, call, args))
 
 
 def read_everywhere(
     urls: Sequence[str], token: str | None, call: Call, args: argparse.Namespace
 ) -> list[Answer]:
-    return _each(urls, token, lambda client: call(client, args))
+    return each(urls, token, lambda client: call(client, args))
 
 
 def _guarded(client: ControlClient, call: Call, args: argparse.Namespace) -> Json:
@@ -117,9 +117,11 @@ def _guarded(client: ControlClient, call: Call, args: argparse.Namespace) -> Jso
     return call(client, argparse.Namespace(**{**vars(args), "if_match": generation}))
 
 
-def _each(
+def each(
     urls: Sequence[str], token: str | None, work: Callable[[ControlClient], Json]
 ) -> list[Answer]:
+    """``work`` with a client of each replica, all at once; the answers in ``urls``' order."""
+
     def one(url: str) -> Answer:
         client = ControlClient(url, token)
         try:

@@ -108,16 +108,16 @@ def watch(client: ControlClient, path: str, interval: float, raw: bool) -> int:
     shown: tuple[Any, ...] | None = None
     while True:
         answer = client.call("GET", path)
-        key = _progress(answer)
+        key = progress(answer)
         if key != shown:
             shown = key
-            print(json.dumps(answer) if raw else _watch_line(answer), flush=True)
+            print(json.dumps(answer) if raw else watch_line(answer), flush=True)
         if answer.get("state") in FINAL_STATES:
             return 0 if answer["state"] == "promoted" else 1
         time.sleep(interval)
 
 
-def _progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
+def progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
     checks = release.get("checks") or [{}]
     return (
         release.get("state"),
@@ -128,7 +128,7 @@ def _progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _watch_line(release: Mapping[str, Any]) -> str:
+def watch_line(release: Mapping[str, Any]) -> str:
     clock = time.strftime("%H:%M:%S")
     line = f"{clock}  {_headline(release)}  {release.get('reason', '')}"
     checks = release.get("checks") or []
