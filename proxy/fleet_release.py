@@ -180,14 +180,18 @@ class FleetRelease:
     # ------------------------------------------------------------------ before it starts
 
     def canary_share(self) -> float:
-        """The canary's share on every replica now; Refusal if a replica cannot take part
-        or the replicas disagree."""
+        """The canary's share on every replica now; Refusal if a replica cannot take part,
+        the replicas disagree, or Prometheus does not answer."""
         answers = fleet.each(self.urls, self.token, self._inspect)
         lines = [f"{a.url}: {a.error.message}" for a in answers if a.error is not None]
         shares = {a.url: a.answer for a in answers if a.error is None}
         if not lines and len(set(shares.values())) > 1:
             lines = [f"{url}: {self.spec.canary} at {share:g}%" for url, share in shares.items()]
             lines.insert(0, f"the replicas disagree on {self.service}'s weights:")
+        try:
+            self.prometheus.value("vector(1)", self.clock())
+        except PrometheusError as exc:
+            lines.append(f"Prometheus does not answer: {exc}")
         if lines:
             raise Refusal([*lines, "nothing was changed"])
         return float(next(iter(shares.values())))
