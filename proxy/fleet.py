@@ -98,7 +98,7 @@ def change_everywhere(
 ) -> list[Answer]:
     """``call`` on every replica at once, each guarded by If-Match of the generation it
     reported just before (or of ``args.if_match``, when given)."""
-    return each(urls, token, lambda client: _guarded(client, call, args))
+    return each(urls, token, lambda client: guarded(client, call, args))
 
 
 def read_everywhere(
@@ -107,7 +107,9 @@ def read_everywhere(
     return each(urls, token, lambda client: call(client, args))
 
 
-def _guarded(client: ControlClient, call: Call, args: argparse.Namespace) -> Json:
+def guarded(client: ControlClient, call: Call, args: argparse.Namespace) -> Json:
+    """``call`` with If-Match of the generation the replica reports now (or of
+    ``args.if_match``, when given)."""
     generation = getattr(args, "if_match", None)
     if generation is None:
         client.call("GET", "/api/v1/services")
@@ -187,13 +189,17 @@ def disagreements(answers: Sequence[Answer]) -> list[str]:
 def answers_json(answers: Sequence[Answer]) -> str:
     return json.dumps(
         [
-            {"url": a.url, "ok": a.error is None, "generation": a.generation, "answer": a.answer}
+            {"url": a.url, "ok": True, "generation": _number(a.generation), "answer": a.answer}
             if a.error is None
             else {"url": a.url, "ok": False, "error": _why(a.error)}
             for a in answers
         ],
         indent=2,
     )
+
+
+def _number(generation: str | None) -> int | str | None:
+    return int(generation) if generation and generation.isdigit() else generation
 
 
 def _why(error: ControlCallFailed | None) -> str:

@@ -3,9 +3,10 @@
 The pure engine (proxy/release.py) decides, as in the proxy (proxy/releases.py); this module
 does, for a fleet instead of one process:
 
-- weights go to every replica (proxy/fleet.py: each with If-Match of its own fresh read); a
-  replica that does not take them aborts the release, which gives the baseline all traffic
-  again on every replica that answers;
+- weights go to every replica (proxy/fleet.py), each with If-Match of the generation this
+  release left there (of a fresh read the first time, and for the baseline's way back): a
+  replica changed behind the release's back, or one that does not answer, aborts the
+  release, which gives the baseline all traffic again on every replica that answers;
 - checks come from Prometheus: per interval, each version's finished requests, 5xx answers
   and p99 over the fleet's ``grayproxy_*`` series (``Prometheus.reading``);
 - webhooks are asked and notified as the proxy does it (releases.py's helpers); an asked
@@ -172,6 +173,7 @@ class FleetRelease:
         self.release: Release | None = None
         self.window_start = clock()  # the current check's interval starts here
         self._shown: tuple[Any, ...] | None = None
+        self._generations: dict[str, str] = {}  # replica -> the generation it left there
         self._notices: list[threading.Thread] = []
 
     def __repr__(self) -> str:
@@ -303,9 +305,9 @@ class FleetRelease:
     def _set_weights(self, weights: Mapping[str, float]) -> bool:
         """Every replica gets ``weights``; if one does not, the release is aborted (its
         abort sets the baseline's weights everywhere it can)."""
-        args = argparse.Namespace(service=self.service, weights=dict(weights), if_match=None)
-        answers = fleet.change_everywhere(self.urls, self.token, put_weights, args)
+        answers = fleet.each(self.urls, self.token, lambda client: self._put(client, weights))
         self.window_start = self.clock()
+        self._generations.update({a.url: a.generation for a in answers if a.generation})
         shown = " ".join(f"{name}={weight:g}" for name, weight in weights.items())
         self.out(f"{_clock()}  weights {shown}:")
         for line in fleet.change_report(answers).splitlines():
@@ -317,6 +319,16 @@ class FleetRelease:
             why = f"weights not applied on {len(missed)} of {len(self.urls)} replicas"
             self._advance(Abort(ACTOR, why=why))
         return False
+
+    def _put(self, client: ControlClient, weights: Mapping[str, float]) -> Json:
+        """A step's weights only where nothing changed since this release's last change
+        there (If-Match of the generation it left); the baseline's back whatever changed."""
+        args = argparse.Namespace(service=self.service, weights=dict(weights), if_match=None)
+        left = self._generations.get(client.base_url)
+        if left is None or not weights.get(self.spec.canary):
+            return fleet.guarded(client, put_weights, args)
+        args.if_match = left
+        return put_weights(client, args)
 
     def _ask(self, phase: str, payload: Json) -> Answered:
         answered: Answered = _run_with_session(

@@ -42,6 +42,7 @@ services:
     split:
       weights: {stable: 100, canary: 0}
       hash_on: [{header: x-user-id}]
+    outlier_detection: {consecutive_5xx: 0}  # a failing canary stays in rotation (not a 503)
 """
 RELEASE = """\
     release:
@@ -206,6 +207,31 @@ def test_sigterm_aborts_and_gives_the_baseline_back_everywhere(
         rest = driver.stdout.read()
         assert driver.wait(30) == 1
     assert "aborted by release run: interrupted (Ctrl-C or SIGTERM)" in rest
+    for replica in fleet:
+        assert weights(replica) == BASELINE
+
+
+def test_a_replica_changed_behind_the_release_aborts_it(
+    tmp_path: Path, fleet: list[ProxyProcess], prometheus: PrometheusProcess
+) -> None:
+    file = release_file(tmp_path, fleet[0])
+    command = grayproxy_command(
+        "release", "run", "-c", file, "--service", "web", "--url", urls(fleet),
+        "--prometheus", prometheus.url,
+    )  # fmt: skip
+    with subprocess.Popen(
+        command, env=child_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    ) as driver:
+        deadline = time.monotonic() + 15
+        while weights(fleet[2]) != {"stable": 80, "canary": 20}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        by_hand = ("ctl", "--url", fleet[1].control_url, "weights", "web", "stable=70", "canary=30")
+        assert run_cli(*by_hand).returncode == 0
+        output, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 1, output
+    assert f"{fleet[1].control_url}: failed: HTTP 412: precondition failed" in output
+    assert "aborted by release run: weights not applied on 1 of 3 replicas" in output
     for replica in fleet:
         assert weights(replica) == BASELINE
 
