@@ -149,6 +149,13 @@ def release_run(
     return run_cli("release", "run", *args, "--prometheus", prometheus.url, timeout=60)
 
 
+def wait_for_weights(replicas: Sequence[ProxyProcess], expected: dict[str, float]) -> None:
+    deadline = time.monotonic() + 15
+    while any(weights(replica) != expected for replica in replicas):
+        assert time.monotonic() < deadline, [weights(replica) for replica in replicas]
+        time.sleep(0.05)
+
+
 def states(output: str) -> list[str]:
     """The state of each release line (`HH:MM:SS  STATE  step ...`), repeats folded."""
     words = [line.split() for line in output.splitlines() if line[:2].isdigit()]
@@ -199,10 +206,7 @@ def test_sigterm_aborts_and_gives_the_baseline_back_everywhere(
         assert driver.stdout is not None
         lines = iter(driver.stdout.readline, "")
         assert any(line.startswith("  ") and "ok generation" in line for line in lines)
-        deadline = time.monotonic() + 15
-        while weights(fleet[2]) != {"stable": 80, "canary": 20}:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_weights(fleet, {"stable": 80, "canary": 20})
         driver.send_signal(signal.SIGTERM)
         rest = driver.stdout.read()
         assert driver.wait(30) == 1
@@ -222,10 +226,7 @@ def test_a_replica_changed_behind_the_release_aborts_it(
     with subprocess.Popen(
         command, env=child_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
     ) as driver:
-        deadline = time.monotonic() + 15
-        while weights(fleet[2]) != {"stable": 80, "canary": 20}:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_weights(fleet, {"stable": 80, "canary": 20})
         by_hand = ("ctl", "--url", fleet[1].control_url, "weights", "web", "stable=70", "canary=30")
         assert run_cli(*by_hand).returncode == 0
         output, _ = driver.communicate(timeout=60)
