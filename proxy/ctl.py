@@ -499,7 +499,7 @@ def fail(exc: ControlCallFailed) -> int:
 def run_ctl(args: argparse.Namespace) -> int:
     """Run one ctl action (on every replica of a fleet); 0 on success, 1 with the error on
     stderr."""
-    from proxy import fleet
+    from proxy import fleet  # it imports this module
 
     token = os.environ.get("GRAYPROXY_TOKEN") or None
     call: Handler = args.call

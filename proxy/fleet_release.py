@@ -160,7 +160,7 @@ class FleetRelease:
         token: str | None,
         prometheus: Prometheus,
         *,
-        out: Callable[[str], None] = print,
+        out: Callable[[str], None] = lambda line: print(line, flush=True),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service

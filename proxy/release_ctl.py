@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from proxy import fleet
 from proxy.ctl import ControlCallFailed, ControlClient, Json, control_url, fail, if_match
 
 COMMANDS = ("approve", "pause", "resume", "abort")
@@ -53,8 +54,6 @@ def add_parser(
 def run_release(args: argparse.Namespace) -> int:
     """Run one `ctl release` action (on every replica of a fleet, but --watch); 0 on
     success, 1 with the error on stderr."""
-    from proxy import fleet
-
     token = os.environ.get("GRAYPROXY_TOKEN") or None
     watching = getattr(args, "watch", False)
     try:
