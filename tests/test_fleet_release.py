@@ -28,7 +28,7 @@ from test_fleet import running_fleet, served_by, urls, weights
 from proxy.release import STATES
 
 from procs import REPO_ROOT, ProxyProcess, child_env, grayproxy_command, http_get, run_cli, tool
-from servers import LoopThread, Upstream
+from servers import AppServer, LoopThread, Upstream
 
 CONFIG = """\
 listen: "127.0.0.1:${data_port}"
@@ -70,6 +70,18 @@ class Canary(Upstream):
             await request.read()
             return web.Response(status=500, text="canary failing")
         return await super()._handle(request)
+
+
+class Hooks(AppServer):
+    """A webhook receiver: keeps each payload, answers 200."""
+
+    def __init__(self, loops: LoopThread) -> None:
+        super().__init__(loops, "hooks")
+        self.payloads: list[dict[str, Any]] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.payloads.append(await request.json())
+        return web.Response(text="ok")
 
 
 class Traffic:
@@ -190,6 +202,38 @@ def test_a_canary_failing_on_every_replica_is_rolled_back(
     for replica in fleet:
         assert weights(replica) == BASELINE
         assert {served_by(replica, f"user-{n}") for n in range(20)} == {"stable"}
+
+
+def test_webhooks_are_asked_and_notified_as_the_proxy_does(
+    tmp_path: Path, fleet: list[ProxyProcess], prometheus: PrometheusProcess, loops: LoopThread
+) -> None:
+    hooks = Hooks(loops).start()
+    try:
+        url = f"http://{hooks.address}/"
+        file = tmp_path / "fleet.yaml"
+        config = fleet[0].substitute(CONFIG % {"stable": "127.0.0.1:1", "canary": "127.0.0.1:2"})
+        file.write_text(
+            config + "    release:\n"
+            "      canary: canary\n"
+            "      steps: [{weight: 50, pause: 200ms}, {weight: 100}]\n"
+            f"      webhooks: [{{phase: confirm-step, url: '{url}'}}, "
+            f"{{phase: post-release, url: '{url}'}}]\n"
+        )
+        result = run_cli(
+            "release", "run", "-c", str(file), "--service", "web", "--url", urls(fleet),
+            "--prometheus", prometheus.url, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        asked = [(p["phase"], p["step"], p["state"]) for p in hooks.payloads]
+        assert asked == [
+            ("confirm-step", 0, "progressing"),
+            ("confirm-step", 1, "progressing"),
+            ("post-release", 1, "promoted"),
+        ]
+    finally:
+        hooks.stop()
+    for replica in fleet:
+        assert weights(replica) == {"stable": 0, "canary": 100}
 
 
 def test_sigterm_aborts_and_gives_the_baseline_back_everywhere(
