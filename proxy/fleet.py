@@ -179,8 +179,8 @@ def disagreements(answers: Sequence[Answer]) -> list[str]:
     for name, by_url in seen.items():
         shown = {a.url: by_url.get(a.url, "(no such service)") for a in answered}
         if len(set(shown.values())) > 1:
-            each = "; ".join(f"{url} {text}" for url, text in shown.items())
-            lines.append(f"replicas disagree on {name}'s weights: {each}")
+            listed = "; ".join(f"{url} {text}" for url, text in shown.items())
+            lines.append(f"replicas disagree on {name}'s weights: {listed}")
     if seen and not lines and len(answered) > 1:
         lines.append(f"the {len(answered)} replicas that answered agree on every weight")
     return lines
@@ -203,7 +203,7 @@ def _number(generation: str | None) -> int | str | None:
 
 
 def _why(error: ControlCallFailed | None) -> str:
-    return "" if error is None else error.message
+    return error.message if error is not None else ""
 
 
 def run(
