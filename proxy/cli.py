@@ -56,7 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     ctl.add_parser(commands)
+    _add_release(commands)
     return parser
+
+
+def _add_release(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    release = commands.add_parser("release", help="drive a release across a fleet of replicas")
+    actions = release.add_subparsers(dest="release_command", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run",
+        help="the release of a service in FILE, on every replica, checked in Prometheus",
+        description="Drive the release section of SERVICE in FILE (the fleet's config) across "
+        "every replica: weights to each, checks from Prometheus. Exit 0 when promoted, 1 when "
+        "rolled back or aborted (Ctrl-C, SIGTERM), 2 when refused before any change "
+        "(docs/fleets.md).",
+    )
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config")
+    run.add_argument("--service", required=True, metavar="NAME", help="the service to release")
+    run.add_argument(
+        "--url",
+        help="the replicas' control URLs: URL1,URL2,... or dns+http://NAME:PORT "
+        "(default GRAYPROXY_CONTROL); GRAYPROXY_TOKEN: their token",
+    )
+    run.add_argument(
+        "--prometheus", required=True, metavar="URL", help="Prometheus scraping every replica"
+    )
+    run.set_defaults(handler=_release_run)
+
+
+def _release_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from proxy import fleet_release  # imports aiohttp: not for the other commands
+
+    return fleet_release.run(config, args)
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -34,10 +34,13 @@ Handler = Callable[["ControlClient", argparse.Namespace], Json]
 class ControlCallFailed(Exception):
     """A failed control-API call: the message and details to show, one line each."""
 
-    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, details: Sequence[str] = (), status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = list(details)
+        self.status = status  # the API's HTTP status; None when there was no answer
 
 
 class ControlClient:
@@ -48,6 +51,7 @@ class ControlClient:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.etag: str | None = None  # the ETag of the last answer (its generation)
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:
@@ -75,9 +79,11 @@ class ControlClient:
         try:
             timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
             with self._opener.open(request, timeout=timeout) as response:
+                self.etag = response.headers.get("ETag")
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             with exc:
+                self.etag = exc.headers.get("ETag")
                 raise _api_error(exc.code, exc.read()) from None
         except urllib.error.URLError as exc:
             raise self._connection_error(exc.reason) from None
@@ -112,9 +118,10 @@ def _api_error(status: int, raw: bytes) -> ControlCallFailed:
         details = body.get("details") or []
         if not isinstance(details, list):
             details = [details]
-        return ControlCallFailed(f"HTTP {status}: {body['error']}", [str(d) for d in details])
+        message = f"HTTP {status}: {body['error']}"
+        return ControlCallFailed(message, [str(d) for d in details], status)
     text = raw.decode("utf-8", "replace").strip()
-    return ControlCallFailed(f"HTTP {status}: {text or 'no body'}")
+    return ControlCallFailed(f"HTTP {status}: {text or 'no body'}", status=status)
 
 
 # ---- the commands: each returns the API's JSON answer -------------------------------------
@@ -126,7 +133,7 @@ def _status(client: ControlClient, args: argparse.Namespace) -> Json:
     return client.call("GET", "/api/v1/services")
 
 
-def _weights(client: ControlClient, args: argparse.Namespace) -> Json:
+def put_weights(client: ControlClient, args: argparse.Namespace) -> Json:
     path = f"/api/v1/services/{_quote(args.service)}/weights"
     return client.call("PUT", path, args.weights, headers=if_match(args))
 
@@ -389,7 +396,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "GRAYPROXY_TOKEN: the bearer token, if one is configured."
         ),
     )
-    ctl.add_argument("--url", help="control API URL (overrides GRAYPROXY_CONTROL)")
+    ctl.add_argument(
+        "--url",
+        help="control API URL (overrides GRAYPROXY_CONTROL); a fleet: URL1,URL2,... or "
+        "dns+http://NAME:PORT (every address of NAME), see docs/fleets.md",
+    )
     ctl.add_argument("--json", action="store_true", help="print the raw JSON answer")
     ctl.set_defaults(handler=run_ctl)
     actions = ctl.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -412,7 +423,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     weights.add_argument(
         "weights", nargs="+", type=parse_weight, action=_WeightsAction, metavar="VERSION=WEIGHT"
     )
-    weights.set_defaults(call=_weights)
+    weights.set_defaults(call=put_weights)
 
     promote = actions.add_parser("promote", parents=[json_flag, guarded], help="one version to 100")
     promote.add_argument("service")
@@ -463,28 +474,43 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     explain.set_defaults(call=_explain)
 
 
+CHANGES = ("weights", "promote", "rollback", "reload")
+RENDERERS: Mapping[str, Callable[[Json], str]] = {
+    "status": format_status,
+    "reload": format_reload,
+    "audit": format_audit,
+    "explain": format_explain,
+}
+
+
+def control_url(args: argparse.Namespace) -> str:
+    """``--url``, else GRAYPROXY_CONTROL, else the default: one URL or a fleet's list."""
+    return args.url or os.environ.get("GRAYPROXY_CONTROL") or DEFAULT_CONTROL_URL
+
+
+def fail(exc: ControlCallFailed) -> int:
+    """The error and its details on stderr; exit code 1."""
+    print(f"grayproxy ctl: {exc.message}", file=sys.stderr)
+    for detail in exc.details:
+        print(f"  {detail}", file=sys.stderr)
+    return 1
+
+
 def run_ctl(args: argparse.Namespace) -> int:
-    """Run one ctl action; 0 on success, 1 with the error on stderr."""
-    url = args.url or os.environ.get("GRAYPROXY_CONTROL") or DEFAULT_CONTROL_URL
-    client = ControlClient(url, os.environ.get("GRAYPROXY_TOKEN") or None)
+    """Run one ctl action (on every replica of a fleet); 0 on success, 1 with the error on
+    stderr."""
+    from proxy import fleet  # it imports this module
+
+    token = os.environ.get("GRAYPROXY_TOKEN") or None
     call: Handler = args.call
+    render = RENDERERS.get(args.action, format_change)
     try:
-        answer = call(client, args)
+        targets = fleet.resolve(control_url(args))
+        if targets.fleet:
+            change = args.action in CHANGES
+            return fleet.run(args, targets, token, call, change=change, render=render)
+        answer = call(ControlClient(targets.urls[0], token), args)
     except ControlCallFailed as exc:
-        print(f"grayproxy ctl: {exc.message}", file=sys.stderr)
-        for detail in exc.details:
-            print(f"  {detail}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer, indent=2))
-    elif args.action == "status":
-        print(format_status(answer))
-    elif args.action == "reload":
-        print(format_reload(answer))
-    elif args.action == "audit":
-        print(format_audit(answer))
-    elif args.action == "explain":
-        print(format_explain(answer))
-    else:
-        print(format_change(answer))
+        return fail(exc)
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
     return 0

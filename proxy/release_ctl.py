@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.ctl import DEFAULT_CONTROL_URL, ControlCallFailed, ControlClient, Json
+from proxy import fleet
+from proxy.ctl import ControlCallFailed, ControlClient, Json, control_url, fail, if_match
 
 COMMANDS = ("approve", "pause", "resume", "abort")
 FINAL_STATES = ("promoted", "rolled_back", "aborted")
@@ -52,26 +52,41 @@ def add_parser(
 
 
 def run_release(args: argparse.Namespace) -> int:
-    """Run one `ctl release` action; 0 on success, 1 with the error on stderr."""
-    url = args.url or os.environ.get("GRAYPROXY_CONTROL") or DEFAULT_CONTROL_URL
-    client = ControlClient(url, os.environ.get("GRAYPROXY_TOKEN") or None)
-    path = f"/api/v1/services/{urllib.parse.quote(args.service, safe='')}/release"
+    """Run one `ctl release` action (on every replica of a fleet, but --watch); 0 on
+    success, 1 with the error on stderr."""
+    token = os.environ.get("GRAYPROXY_TOKEN") or None
+    watching = getattr(args, "watch", False)
     try:
-        if args.release_action == "status" and args.watch:
-            return watch(client, path, args.interval, args.json)
-        if args.release_action == "start":
-            answer = client.call("POST", path, read_spec(args.file))
-        elif args.release_action == "status":
-            answer = client.call("GET", path)
-        else:
-            answer = client.call("POST", f"{path}/{args.release_action}", {})
+        targets = fleet.resolve(control_url(args))
+        if targets.fleet and watching:
+            raise ControlCallFailed("status --watch follows one replica: give --url one URL")
+        if targets.fleet:
+            change = args.release_action != "status"
+            return fleet.run(
+                args, targets, token, release_call, change=change, render=format_release
+            )
+        client = ControlClient(targets.urls[0], token)
+        if watching:
+            return watch(client, release_path(args), args.interval, args.json)
+        answer = release_call(client, args)
     except ControlCallFailed as exc:
-        print(f"grayproxy ctl: {exc.message}", file=sys.stderr)
-        for detail in exc.details:
-            print(f"  {detail}", file=sys.stderr)
-        return 1
+        return fail(exc)
     print(json.dumps(answer, indent=2) if args.json else format_release(answer))
     return 0
+
+
+def release_path(args: argparse.Namespace) -> str:
+    return f"/api/v1/services/{urllib.parse.quote(args.service, safe='')}/release"
+
+
+def release_call(client: ControlClient, args: argparse.Namespace) -> Json:
+    """The API call of one `ctl release` action (but --watch), with ``--if-match`` if set."""
+    path = release_path(args)
+    if args.release_action == "start":
+        return client.call("POST", path, read_spec(args.file), headers=if_match(args))
+    if args.release_action == "status":
+        return client.call("GET", path)
+    return client.call("POST", f"{path}/{args.release_action}", {}, headers=if_match(args))
 
 
 def read_spec(path: str) -> Json:
@@ -92,16 +107,16 @@ def watch(client: ControlClient, path: str, interval: float, raw: bool) -> int:
     shown: tuple[Any, ...] | None = None
     while True:
         answer = client.call("GET", path)
-        key = _progress(answer)
+        key = progress(answer)
         if key != shown:
             shown = key
-            print(json.dumps(answer) if raw else _watch_line(answer), flush=True)
+            print(json.dumps(answer) if raw else watch_line(answer), flush=True)
         if answer.get("state") in FINAL_STATES:
             return 0 if answer["state"] == "promoted" else 1
         time.sleep(interval)
 
 
-def _progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
+def progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
     checks = release.get("checks") or [{}]
     return (
         release.get("state"),
@@ -112,7 +127,7 @@ def _progress(release: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _watch_line(release: Mapping[str, Any]) -> str:
+def watch_line(release: Mapping[str, Any]) -> str:
     clock = time.strftime("%H:%M:%S")
     line = f"{clock}  {_headline(release)}  {release.get('reason', '')}"
     checks = release.get("checks") or []

@@ -428,9 +428,7 @@ class Releases:
     # ------------------------------------------------------------------ webhooks
 
     def _payload(self, entry: _Entry, action: Ask | Notify) -> Json:
-        shown = release_json(entry.release, entry.spec)
-        shown["phase"] = action.phase
-        return {key: shown[key] for key in PAYLOAD_KEYS}
+        return webhook_payload(entry.release, entry.spec, action.phase)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -438,48 +436,16 @@ class Releases:
         task.add_done_callback(self._calls.discard)
 
     async def _ask(self, service: str, entry: _Entry, phase: str, payload: Json) -> None:
-        """Call the phase's webhooks in order until one refuses; feed the answer back."""
-        answers = []
-        for hook in entry.spec.hooks(phase):
-            ok, detail = await self._call(hook, payload)
-            answers.append(detail)
-            if not ok:
-                self._apply(service, entry, Answered(phase, False, detail), RELEASE_ACTOR)
-                return
-        self._apply(service, entry, Answered(phase, True, "; ".join(answers)), RELEASE_ACTOR)
+        answered = await ask_webhooks(self._http(), entry.spec, phase, payload)
+        self._apply(service, entry, answered, RELEASE_ACTOR)
 
     async def _notify(self, entry: _Entry, phase: str, payload: Json) -> None:
-        for hook in entry.spec.hooks(phase):
-            ok, detail = await self._call(hook, payload)
-            if not ok:
-                canary = entry.spec.canary
-                log.warning("release of %s: %s notice not delivered: %s", canary, phase, detail)
+        await notify_webhooks(self._http(), entry.spec, phase, payload)
 
-    async def _call(self, hook: Webhook, payload: Json) -> tuple[bool, str]:
-        """POST the payload, trying 1 + ``hook.retries`` times: (answered 2xx, what happened)."""
-        backoff = RETRY_BACKOFF
-        for attempt in range(hook.retries + 1):
-            if attempt:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
-            ok, detail = await self._post(hook, payload)
-            if ok:
-                break
-        if hook.retries and not ok:
-            detail += f" ({hook.retries + 1} attempts)"
-        return ok, detail
-
-    async def _post(self, hook: Webhook, payload: Json) -> tuple[bool, str]:
+    def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession()  # trust_env off: no proxy from the env
-        timeout = aiohttp.ClientTimeout(total=hook.timeout)
-        try:
-            async with self._session.post(hook.url, json=payload, timeout=timeout) as response:
-                return 200 <= response.status < 300, f"{hook.url} answered {response.status}"
-        except TimeoutError:
-            return False, f"{hook.url} did not answer within {hook.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            return False, f"{hook.url} failed: {exc or type(exc).__name__}"
+        return self._session
 
     # ------------------------------------------------------------------ reloads
 
@@ -580,6 +546,64 @@ def _moved(before: Release, after: Release) -> bool:
 
 def _reading(interval: IntervalStats) -> Reading:
     return Reading(interval.requests, interval.errors, interval.p99_ms)
+
+
+def webhook_payload(release: Release, spec: ReleaseSpec, phase: str) -> Json:
+    """What a webhook of ``phase`` is sent about ``release`` (docs/releases.md)."""
+    shown = release_json(release, spec)
+    shown["phase"] = phase
+    return {key: shown[key] for key in PAYLOAD_KEYS}
+
+
+async def ask_webhooks(
+    session: aiohttp.ClientSession, spec: ReleaseSpec, phase: str, payload: Json
+) -> Answered:
+    """Call the phase's webhooks in order until one refuses: the answer for the engine."""
+    answers = []
+    for hook in spec.hooks(phase):
+        ok, detail = await call_webhook(session, hook, payload)
+        answers.append(detail)
+        if not ok:
+            return Answered(phase, False, detail)
+    return Answered(phase, True, "; ".join(answers))
+
+
+async def notify_webhooks(
+    session: aiohttp.ClientSession, spec: ReleaseSpec, phase: str, payload: Json
+) -> None:
+    """Send the phase's notices; one not delivered is logged."""
+    for hook in spec.hooks(phase):
+        ok, detail = await call_webhook(session, hook, payload)
+        if not ok:
+            log.warning("release of %s: %s notice not delivered: %s", spec.canary, phase, detail)
+
+
+async def call_webhook(
+    session: aiohttp.ClientSession, hook: Webhook, payload: Json
+) -> tuple[bool, str]:
+    """POST the payload, trying 1 + ``hook.retries`` times: (answered 2xx, what happened)."""
+    backoff = RETRY_BACKOFF
+    for attempt in range(hook.retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
+        ok, detail = await _post(session, hook, payload)
+        if ok:
+            break
+    if hook.retries and not ok:
+        detail += f" ({hook.retries + 1} attempts)"
+    return ok, detail
+
+
+async def _post(session: aiohttp.ClientSession, hook: Webhook, payload: Json) -> tuple[bool, str]:
+    timeout = aiohttp.ClientTimeout(total=hook.timeout)
+    try:
+        async with session.post(hook.url, json=payload, timeout=timeout) as response:
+            return 200 <= response.status < 300, f"{hook.url} answered {response.status}"
+    except TimeoutError:
+        return False, f"{hook.url} did not answer within {hook.timeout:g}s"
+    except aiohttp.ClientError as exc:
+        return False, f"{hook.url} failed: {exc or type(exc).__name__}"
 
 
 class ReleaseCollector(Collector):
