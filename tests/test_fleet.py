@@ -7,7 +7,6 @@ reported and the others still change; a name that does not resolve changes nothi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import time
@@ -19,6 +18,7 @@ import pytest
 from proxy.ctl import ControlCallFailed
 from proxy.fleet import resolve
 
+from fleet import running_fleet, served_by, service, urls, weights
 from procs import ProxyProcess, http_get, run_cli
 from servers import Upstream
 
@@ -39,35 +39,6 @@ services:
 
 def fleet_config(upstreams: dict[str, Upstream]) -> str:
     return CONFIG % {name: server.address for name, server in upstreams.items()}
-
-
-@contextlib.contextmanager
-def running_fleet(config: str, count: int = 3) -> Iterator[list[ProxyProcess]]:
-    """``count`` grayproxy processes with the same config, each on its own ports."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(ProxyProcess(config)) for _ in range(count)]
-
-
-def urls(replicas: Sequence[ProxyProcess]) -> str:
-    return ",".join(replica.control_url for replica in replicas)
-
-
-def service(replica: ProxyProcess, name: str = "web") -> dict[str, Any]:
-    status, headers, body = http_get(f"{replica.control_url}/api/v1/services/{name}")
-    assert status == 200, body
-    answer: dict[str, Any] = json.loads(body)
-    assert headers["etag"] == f'"{answer["generation"]}"'
-    return answer
-
-
-def weights(replica: ProxyProcess) -> dict[str, float]:
-    return {name: v["weight"] for name, v in service(replica)["versions"].items()}
-
-
-def served_by(replica: ProxyProcess, user: str) -> str:
-    status, headers, _ = http_get(f"{replica.data_url}/", headers={"x-user-id": user})
-    assert status == 200
-    return headers["x-grayproxy-version"]
 
 
 def set_everywhere(replicas: Sequence[ProxyProcess], *pairs: str) -> None:

@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from prometheus import PrometheusProcess
-from test_fleet import running_fleet, served_by, urls, weights
 
 from proxy.release import STATES
 
+from fleet import running_fleet, served_by, urls, weights
 from procs import REPO_ROOT, ProxyProcess, child_env, grayproxy_command, http_get, run_cli, tool
+from prometheus import PrometheusProcess
 from servers import AppServer, LoopThread, Upstream
 
 CONFIG = """\
