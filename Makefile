@@ -26,6 +26,8 @@ WITH_COMPILED := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED_DIR):$(CURDIR)
 # private keys): tests/test_tls.py checks it against generated ones instead.
 CONFIGS ?= $(filter-out config/tls-gateway.yaml,$(wildcard config/*.yaml))
 PYTEST_ARGS ?=
+# Tests run on every core (pytest-xdist); PYTEST_JOBS= runs them in one process.
+PYTEST_JOBS ?= -n auto
 
 .PHONY: run test test-compiled lint format check-config bench mutation clean which-python
 
@@ -34,12 +36,12 @@ run: $(COMPILED)
 
 # The source, interpreted: no compiler in the loop.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 # The same suite against the compiled build (.ci/run runs both).
 test-compiled: $(COMPILED) $(TEST_INSTALLED)
 	$(WITH_COMPILED) GRAYPROXY_EXPECT_COMPILED=1 $(BIN)/pytest -o pythonpath= -p no:cacheprovider \
-		$(PYTEST_ARGS)
+		$(PYTEST_JOBS) $(PYTEST_ARGS)
 
 lint: $(TEST_INSTALLED)
 	$(BIN)/ruff check proxy tests bench
