@@ -47,6 +47,7 @@ def add_release_api(
         [
             web.post("/api/v1/services/{name}/release", api.start),
             web.get("/api/v1/services/{name}/release", api.get),
+            web.get("/api/v1/releases", api.list_all),
             web.post(f"/api/v1/services/{{name}}/release/{{command:{commands}}}", api.command),
         ]
     )
@@ -98,6 +99,9 @@ class _ReleaseAPI:
             return web.json_response(self._releases.get(request.match_info["name"]))
         except NoRelease as exc:
             return _refusal(404, str(exc))
+
+    async def list_all(self, request: web.Request) -> web.Response:
+        return web.json_response({"releases": self._releases.all()})
 
     async def command(self, request: web.Request) -> web.Response:
         name, command = request.match_info["name"], request.match_info["command"]

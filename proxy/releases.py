@@ -178,6 +178,13 @@ class Releases:
             raise NoRelease(service)
         return release_json(entry.release, entry.spec)
 
+    def all(self) -> dict[str, Json]:
+        """Every service's active or last release, by service name (none: not there)."""
+        return {
+            name: release_json(entry.release, entry.spec)
+            for name, entry in sorted(self._entries.items())
+        }
+
     def active(self, service: str) -> Release | None:
         entry = self._entries.get(service)
         return entry.release if entry is not None and entry.release.active else None

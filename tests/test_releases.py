@@ -413,8 +413,10 @@ def test_an_approval_step_waits_until_approved(upstream: dict[str, Version]) -> 
     with ProxyProcess(config(upstream)) as proxy:
         api = Api(proxy)
         assert api.command("approve")[0] == 404  # no release yet
+        assert api.call("GET", "/api/v1/releases") == (200, {"releases": {}})
         api.start(spec)
         release = api.wait("waiting")
+        assert api.call("GET", "/api/v1/releases") == (200, {"releases": {"web": release}})
         assert release["approval"] == "pending"
         assert "waiting for approval of step 1 of 2 (canary 30%)" in release["reason"]
         time.sleep(0.5)  # ticks go by: it still waits

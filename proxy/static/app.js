@@ -155,17 +155,20 @@ async function poll() {
 
 async function refresh() {
   try {
-    const [listing, totals] = await Promise.all([api("GET", "/api/v1/services"), requestTotals()]);
-    const releases = await Promise.all(listing.services.map((s) => releaseOf(s.name)));
+    const [listing, { releases }, totals] = await Promise.all([
+      api("GET", "/api/v1/services"),
+      api("GET", "/api/v1/releases"),
+      requestTotals(),
+    ]);
     if (!state.connected) return;
     byId("banner").hidden = true;
     const now = Date.now();
     const rates = ratesSince(state.lastTotals, { t: now, totals });
     state.lastTotals = { t: now, totals };
-    listing.services.forEach((service, index) => {
+    for (const service of listing.services) {
       record(service, now, rates);
-      render(service, releases[index]);
-    });
+      render(service, releases[service.name] || null);
+    }
     dropGone(listing.services);
     byId("status").textContent =
       `generation ${listing.generation} · updated ${new Date(now).toLocaleTimeString()}`;
@@ -173,15 +176,6 @@ async function refresh() {
     if (error.status === 401 && state.connected) return askToken(error);
     byId("status").textContent = "update failed";
     showError(byId("banner"), error);
-  }
-}
-
-async function releaseOf(name) {
-  try {
-    return await api("GET", `/api/v1/services/${encodeURIComponent(name)}/release`);
-  } catch (error) {
-    if (error.status === 404) return null; // never had one
-    throw error;
   }
 }
 
