@@ -9,6 +9,32 @@ from typing import Any
 
 from procs import ProxyProcess, http_get
 
+CONFIG = """\
+listen: "127.0.0.1:${data_port}"
+control: {listen: "127.0.0.1:${control_port}"}
+services:
+  - name: web
+    baseline: stable
+    versions:
+      stable: {endpoints: ["%(stable)s"]}
+      canary: {endpoints: ["%(canary)s"]}
+    split:
+      weights: {stable: %(stable_weight)s, canary: %(canary_weight)s}
+      hash_on: [{header: x-user-id}]
+    outlier_detection: {consecutive_5xx: 0}  # a failing canary stays in rotation (not a 503)
+"""
+
+
+def fleet_config(stable: str, canary: str, weights: tuple[int, int] = (50, 50)) -> str:
+    """The replicas' config: service web, versions stable and canary at these addresses."""
+    stable_weight, canary_weight = weights
+    return CONFIG % {
+        "stable": stable,
+        "canary": canary,
+        "stable_weight": stable_weight,
+        "canary_weight": canary_weight,
+    }
+
 
 @contextlib.contextmanager
 def running_fleet(config: str, count: int = 3) -> Iterator[list[ProxyProcess]]:

@@ -18,27 +18,9 @@ import pytest
 from proxy.ctl import ControlCallFailed
 from proxy.fleet import resolve
 
-from fleet import running_fleet, served_by, service, urls, weights
+from fleet import fleet_config, running_fleet, served_by, service, urls, weights
 from procs import ProxyProcess, http_get, run_cli
 from servers import Upstream
-
-CONFIG = """\
-listen: "127.0.0.1:${data_port}"
-control: {listen: "127.0.0.1:${control_port}"}
-services:
-  - name: web
-    baseline: stable
-    versions:
-      stable: {endpoints: ["%(stable)s"]}
-      canary: {endpoints: ["%(canary)s"]}
-    split:
-      weights: {stable: 50, canary: 50}
-      hash_on: [{header: x-user-id}]
-"""
-
-
-def fleet_config(upstreams: dict[str, Upstream]) -> str:
-    return CONFIG % {name: server.address for name, server in upstreams.items()}
 
 
 def set_everywhere(replicas: Sequence[ProxyProcess], *pairs: str) -> None:
@@ -52,9 +34,13 @@ def in_effect(replica: ProxyProcess) -> bool:
     return weights(replica) == {"stable": 0, "canary": 100} and served == {"canary"}
 
 
+def config_on(upstreams: dict[str, Upstream]) -> str:
+    return fleet_config(upstreams["stable"].address, upstreams["canary"].address)
+
+
 @pytest.fixture(scope="module")
 def replicas(upstreams: dict[str, Upstream]) -> Iterator[list[ProxyProcess]]:
-    with running_fleet(fleet_config(upstreams)) as fleet:
+    with running_fleet(config_on(upstreams)) as fleet:
         yield fleet
 
 
@@ -97,7 +83,7 @@ def test_a_fleet_wide_weight_change_is_in_effect_on_every_replica(
 def test_a_replica_down_is_reported_and_the_others_change(
     fleet: list[ProxyProcess], upstreams: dict[str, Upstream]
 ) -> None:
-    with ProxyProcess(fleet_config(upstreams)) as gone:
+    with ProxyProcess(config_on(upstreams)) as gone:
         down = gone.control_url
     result = run_cli(
         "ctl", "--url", f"{urls(fleet[:2])},{down}", "weights", "web", "stable=80", "canary=20"

@@ -25,25 +25,11 @@ from aiohttp import web
 
 from proxy.release import STATES
 
-from fleet import running_fleet, served_by, urls, weights
+from fleet import fleet_config, running_fleet, served_by, urls, weights
 from procs import REPO_ROOT, ProxyProcess, child_env, grayproxy_command, http_get, run_cli, tool
 from prometheus import PrometheusProcess
 from servers import AppServer, LoopThread, Upstream
 
-CONFIG = """\
-listen: "127.0.0.1:${data_port}"
-control: {listen: "127.0.0.1:${control_port}"}
-services:
-  - name: web
-    baseline: stable
-    versions:
-      stable: {endpoints: ["%(stable)s"]}
-      canary: {endpoints: ["%(canary)s"]}
-    split:
-      weights: {stable: 100, canary: 0}
-      hash_on: [{header: x-user-id}]
-    outlier_detection: {consecutive_5xx: 0}  # a failing canary stays in rotation (not a 503)
-"""
 RELEASE = """\
     release:
       canary: canary
@@ -118,7 +104,7 @@ def stable(loops: LoopThread) -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def replicas(stable: Upstream, canary: Canary) -> Iterator[list[ProxyProcess]]:
     tool("prometheus")
-    config = CONFIG % {"stable": stable.address, "canary": canary.address}
+    config = fleet_config(stable.address, canary.address, (100, 0))
     with running_fleet(config) as fleet:
         traffic = Traffic(fleet)
         traffic.thread.start()
@@ -149,7 +135,7 @@ def fleet(replicas: list[ProxyProcess], canary: Canary) -> list[ProxyProcess]:
 def release_file(tmp_path: Path, replica: ProxyProcess, *, pause: str = "1s") -> str:
     """The fleet's config with the release: what `release run -c` reads."""
     path = tmp_path / "fleet.yaml"
-    config = CONFIG % {"stable": "127.0.0.1:1", "canary": "127.0.0.1:2"}
+    config = fleet_config("127.0.0.1:1", "127.0.0.1:2", (100, 0))
     path.write_text(replica.substitute(config) + RELEASE % {"pause": pause})
     return str(path)
 
@@ -211,7 +197,7 @@ def test_webhooks_are_asked_and_notified_as_the_proxy_does(
     try:
         url = f"http://{hooks.address}/"
         file = tmp_path / "fleet.yaml"
-        config = fleet[0].substitute(CONFIG % {"stable": "127.0.0.1:1", "canary": "127.0.0.1:2"})
+        config = fleet[0].substitute(fleet_config("127.0.0.1:1", "127.0.0.1:2", (100, 0)))
         file.write_text(
             config + "    release:\n"
             "      canary: canary\n"
@@ -315,7 +301,7 @@ def generation(replica: ProxyProcess) -> int:
 
 def test_a_step_that_wants_approval_is_refused(tmp_path: Path, fleet: list[ProxyProcess]) -> None:
     file = tmp_path / "fleet.yaml"
-    config = fleet[0].substitute(CONFIG % {"stable": "127.0.0.1:1", "canary": "127.0.0.1:2"})
+    config = fleet[0].substitute(fleet_config("127.0.0.1:1", "127.0.0.1:2", (100, 0)))
     file.write_text(
         config + "    release: {canary: canary, steps: [{weight: 50, approval: true}, "
         "{weight: 100}]}\n"
