@@ -174,6 +174,8 @@ def instructions(config: Config, version_ports: Mapping[str, int]) -> str:
         f"  curl -s {control}/api/v1/services/{SERVICE}",
         f"  curl -s {control}/metrics",
         "",
+        f"Watch and change it in the dashboard: {control}/",
+        "",
         "Ctrl-C to stop.",
     ]
     return "\n".join(lines)

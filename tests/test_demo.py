@@ -82,6 +82,7 @@ def test_demo_serves_both_versions_and_stops_cleanly() -> None:
     with ProxyProcess(args=DEMO_ARGS) as proxy:
         assert f"http://127.0.0.1:{proxy.data_port}/api/info" in proxy.stdout
         assert f"export GRAYPROXY_CONTROL={proxy.control_url}" in proxy.stdout
+        assert f"in the dashboard: {proxy.control_url}/\n" in proxy.stdout
 
         version, info = get_json(proxy.data_url + "/api/info", {"x-canary": "always"})
         assert version == info["version"] == "canary"
