@@ -256,7 +256,7 @@ def send_requests(
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             sock = context.wrap_socket(raw)
-        body_end = exchange.response[-16:]
+        body_end = exchange.response.partition(b"\r\n\r\n")[2][-16:]
         for user in range(count):
             sock.sendall(exchange.request(host, user))
             received = b""
