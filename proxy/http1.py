@@ -121,6 +121,43 @@ def header_name(raw: bytes) -> HeaderName:
 Header = tuple[bytes, bytes]
 
 
+class SeenLine:
+    """A header line as last seen at one position of a request head, and what
+    was worked out for it: its HeaderName and its value as text."""
+
+    __slots__ = ("name", "raw_name", "raw_value", "text")
+
+    def __init__(self, raw_name: bytes, name: HeaderName, raw_value: bytes, text: str) -> None:
+        self.raw_name = raw_name
+        self.name = name
+        self.raw_value = raw_value
+        self.text = text
+
+
+# Clients send the same names in the same order on every request, and mostly
+# the same values: a line equal to the one last seen at its position takes
+# what was worked out for it then, after a comparison of bytes, where a new
+# one costs a hash and a lookup for its name and a decoding for its value.
+# Bounded by the longest head parsed (max_header_bytes bounds that).
+_SEEN: Final[list[SeenLine]] = []
+
+
+def seen_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenLine:
+    """What is known of the header line at `index` of a request head."""
+    if index < len(_SEEN):
+        seen = _SEEN[index]
+        if seen.raw_name != raw_name:
+            seen.raw_name = raw_name
+            seen.name = header_name(raw_name)
+        if seen.raw_value != raw_value:
+            seen.raw_value = raw_value
+            seen.text = raw_value.decode("latin-1")
+        return seen
+    seen = SeenLine(raw_name, header_name(raw_name), raw_value, raw_value.decode("latin-1"))
+    _SEEN.append(seen)
+    return seen
+
+
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
@@ -146,8 +183,9 @@ class RequestHead:
         headers = self.headers
         for index, header in enumerate(raw_headers):
             raw_value = header[1]
-            name = header_name(header[0])
-            text = raw_value.decode("latin-1")
+            line = seen_line(index, header[0], raw_value)
+            name = line.name
+            text = line.text
             key = name.key
             if name.request_checked:
                 if name.underscore:
