@@ -138,9 +138,10 @@ class SeenRequestLine:
 # the same values: a line equal to the one last seen at its position takes
 # what was worked out for it then, after a comparison of bytes, where a new
 # one costs a hash and a lookup for its name and a decoding for its value.
-# Bounded by the longest head parsed (max_header_bytes bounds that). Heads are
-# read by the event loop's thread only.
+# Only the first MAX_SEEN_LINES positions are remembered: a head of many
+# lines leaves no more behind. Heads are read by the event loop's thread only.
 _SEEN_REQUEST: Final[list[SeenRequestLine]] = []
+MAX_SEEN_LINES: Final = 64
 
 
 def seen_request_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenRequestLine:
@@ -155,7 +156,8 @@ def seen_request_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenRequ
             seen.text = raw_value.decode("latin-1")
         return seen
     seen = SeenRequestLine(raw_name, header_name(raw_name), raw_value, raw_value.decode("latin-1"))
-    _SEEN_REQUEST.append(seen)
+    if index < MAX_SEEN_LINES:
+        _SEEN_REQUEST.append(seen)
     return seen
 
 
@@ -484,7 +486,8 @@ def seen_response_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenRes
             return seen
     else:
         seen = SeenResponseLine()
-        _SEEN_RESPONSE.append(seen)
+        if index < MAX_SEEN_LINES:
+            _SEEN_RESPONSE.append(seen)
     seen.raw_name = raw_name
     seen.raw_value = raw_value
     checked = _may_be_checked(raw_name) and header_name(raw_name).response_checked

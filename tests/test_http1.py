@@ -488,3 +488,13 @@ def test_a_response_line_unlike_the_one_last_seen_at_its_place_is_built_afresh()
     assert joined((b"Date", b"2"), (b"Content-Type", b"a")) == (
         b"HTTP/1.1 200 OK\r\nDate: 2\r\nContent-Type: a\r\n"
     )
+
+
+def test_only_the_first_positions_are_remembered() -> None:
+    many = [(b"Host", b"x")] + [(b"X-%d" % n, b"%d" % n) for n in range(2 * http1.MAX_SEEN_LINES)]
+    for _ in range(2):
+        request = RequestHead(many, False)
+        assert request.headers["x-100"] == "100" and len(request.headers) == len(many)
+        parts, _, _ = response_lines(200, many[1:])
+        assert b"".join(parts).endswith(b"X-127: 127\r\n") and len(parts) == len(many)
+    assert len(http1._SEEN_REQUEST) == len(http1._SEEN_RESPONSE) == http1.MAX_SEEN_LINES
