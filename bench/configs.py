@@ -13,6 +13,42 @@ from pathlib import Path
 
 STATUS_PATH = "/__bench_status"
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) grayproxy-bench"
+# The realistic heads: a browser's request (11 header lines, a query string, a
+# varying x-user-id and X-Request-Id) to REALISTIC_PATH, where the upstreams
+# answer with a page's response head and a 2 KB body. The same text for every
+# proxy: formatted with (Host, the request id's number, the user's number) by
+# Python's % and by wrk's Lua string.format alike.
+REALISTIC_PATH = "/app/"
+REALISTIC_REQUEST_LINE = "GET /app/items?page=2&sort=price&q=blue+shoes HTTP/1.1\r\n"
+REALISTIC_HEADER_LINES = (
+    "Host: %s",
+    "User-Agent: Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
+    "Accept-Language: en-US,en;q=0.9,de;q=0.8",
+    "Accept-Encoding: gzip, deflate, br",
+    "Cookie: _ga=GA1.1.1234567890.1700000000; theme=dark; session=8f14e45fceea167a5a36dedd4bea2543",
+    "Referer: https://shop.example.com/app/items?page=1&sort=price",
+    "X-Request-Id: 0d7a3c1e-5b2f-4e8a-9c6d-%012d",
+    "Sec-Fetch-Mode: navigate",
+    "Cache-Control: max-age=0",
+    "x-user-id: user-%d",
+)
+# What the upstreams add to their own Server, Date, Content-Type, Content-Length
+# and Connection lines on REALISTIC_PATH.
+REALISTIC_RESPONSE_HEADERS = (
+    ("Cache-Control", "private, max-age=0, must-revalidate"),
+    ("ETag", 'W/"800-5f3a1b2c"'),
+    ("Vary", "Accept-Encoding, Cookie"),
+    ("Set-Cookie", "last_seen=1700000000; Path=/; Max-Age=86400; HttpOnly; SameSite=Lax"),
+)
+REALISTIC_CONTENT_TYPE = "text/html; charset=utf-8"
+# 2 KB of page: no quote, backslash or $ (it sits in a quoted nginx string).
+REALISTIC_BODY = (
+    "<!doctype html><html><body><ul>"
+    + "".join(f"<li>item {n:04d}</li>" for n in range(100))
+    + "</ul></body></html>"
+).ljust(2047, " ") + "\n"
 CANARY_WEIGHT = 10  # percent; stable gets the rest
 HUGE = 1_000_000  # keepalive_requests: never close a benchmark connection on a count
 
@@ -57,12 +93,46 @@ class Upstreams:
     canary: tuple[int, ...]
 
 
+def realistic_template(header_lines: int = len(REALISTIC_HEADER_LINES)) -> str:
+    """The realistic request head to format with (Host, request id, user); with fewer
+    `header_lines` (at least 2): Host, the first ones after it, and x-user-id last (so
+    that the split is hashed alike)."""
+    lines = (*REALISTIC_HEADER_LINES[: header_lines - 1], REALISTIC_HEADER_LINES[-1])
+    return REALISTIC_REQUEST_LINE + "".join(line + "\r\n" for line in lines) + "\r\n"
+
+
+def realistic_request(
+    host: str, request_id: int, user: int, header_lines: int = len(REALISTIC_HEADER_LINES)
+) -> bytes:
+    template = realistic_template(header_lines)
+    values = (host, request_id, user) if "X-Request-Id" in template else (host, user)
+    return (template % values).encode()
+
+
+def realistic_response() -> bytes:
+    """What the upstream nginx answers on REALISTIC_PATH (its own lines, then add_header's)."""
+    lines = [
+        ("Server", "nginx/1.22.1"),
+        ("Date", "Mon, 30 Nov 2026 23:30:00 GMT"),
+        ("Content-Type", REALISTIC_CONTENT_TYPE),
+        ("Content-Length", str(len(REALISTIC_BODY))),
+        ("Connection", "keep-alive"),
+        *REALISTIC_RESPONSE_HEADERS,
+    ]
+    head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in lines)
+    return (head + "\r\n" + REALISTIC_BODY).encode()
+
+
 def upstream_nginx_conf(workdir: Path, ports: Sequence[int], body: str) -> str:
-    """A fast upstream: one nginx worker answering every request with a small fixed body.
+    """A fast upstream: one nginx worker answering every request with a small fixed body,
+    and those to REALISTIC_PATH with a page's head and REALISTIC_BODY.
 
     `stub_status` on STATUS_PATH counts the requests it served, which gives the split share.
     """
     listens = "\n".join(f"        listen 127.0.0.1:{port} reuseport;" for port in ports)
+    added = "\n".join(
+        f"            add_header {name} '{value}';" for name, value in REALISTIC_RESPONSE_HEADERS
+    )
     return f"""{_nginx_main(workdir)}
 http {{
 {_nginx_http_common(workdir)}
@@ -72,6 +142,11 @@ http {{
         location / {{
             default_type text/plain;
             return 200 "{body}\\n";
+        }}
+        location {REALISTIC_PATH} {{
+            default_type "{REALISTIC_CONTENT_TYPE}";
+{added}
+            return 200 "{REALISTIC_BODY[:-1]}\\n";
         }}
     }}
 }}
@@ -293,24 +368,31 @@ def unmatched_rules(count: int) -> str:
     return "".join(lines)
 
 
-def wrk_lua(users: int, host: str = "") -> str:
+def wrk_lua(users: int, host: str = "", realistic: bool = False) -> str:
     """A wrk script: keep-alive GETs cycling through `users` x-user-id values, JSON summary.
 
     The requests are formatted once in init(), so request() only picks the next string.
     `host`, when given, replaces the Host header (to reach one service of a gateway).
+    `realistic`: the realistic request (see realistic_request) instead of the minimal one.
     """
     host_expr = f'"{host}"' if host else 'wrk.headers["Host"]'
+    if realistic:
+        template = realistic_template().replace("\r\n", "\\r\\n")  # no quote nor backslash
+        request = f'string.format("{template}", host, i, i)'
+    else:
+        request = f"""wrk.format("GET", "/", {{
+      ["Host"] = host,
+      ["User-Agent"] = "{USER_AGENT}",
+      ["x-user-id"] = "user-" .. i,
+    }})"""
     return f"""local requests = {{}}
 local count = {users}
 local next_index = 0
 
 function init(args)
+  local host = {host_expr}
   for i = 1, count do
-    requests[i] = wrk.format("GET", "/", {{
-      ["Host"] = {host_expr},
-      ["User-Agent"] = "{USER_AGENT}",
-      ["x-user-id"] = "user-" .. i,
-    }})
+    requests[i] = {request}
   end
 end
 

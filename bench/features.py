@@ -2,6 +2,7 @@
 
     python -m bench.features                      # every feature, 6 rounds
     python -m bench.features --rounds 8 --seconds 5 --only release,mirror
+    python -m bench.features --realistic --only log  # loaded with the realistic heads
 
 One grayproxy per variant runs side by side, pinned to core 0, in front of two
 nginx upstreams. Each round, wrk on core 1 loads every variant in turn (the
@@ -65,13 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk's load per run")
     parser.add_argument("--probe", type=int, default=1000, help="low-rate requests per run")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    parser.add_argument(
+        "--realistic",
+        action="store_true",
+        help="load with the realistic heads (a browser's request, a page's response)",
+    )
     args = parser.parse_args(argv)
     variants = tuple(name for name in args.only.split(",") if name)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory(prefix="grayproxy-features-") as tmp:
-        rows = measure(Path(tmp), ("off", *variants), args.rounds, args.seconds, args.probe)
+        names = ("off", *variants)
+        rows = measure(Path(tmp), names, args.rounds, args.seconds, args.probe, args.realistic)
     report(rows, variants)
     return 0
 
@@ -80,7 +87,12 @@ Figures = tuple[float, float, float]  # requests per second, CPU seconds per req
 
 
 def measure(
-    workdir: Path, names: Sequence[str], rounds: int, seconds: float, probe: int
+    workdir: Path,
+    names: Sequence[str],
+    rounds: int,
+    seconds: float,
+    probe: int,
+    realistic: bool = False,
 ) -> list[dict[str, Figures]]:
     stable, canary, *ports = free_ports(2 + 2 * len(names))
     (workdir / "upstream").mkdir()
@@ -88,7 +100,7 @@ def measure(
     conf.write_text(upstream_nginx_conf(workdir / "upstream", [stable, canary], "ok"))
     started = [Proc("upstream", pinned(["nginx", "-c", str(conf)], 1), workdir / "upstream")]
     script = workdir / "load.lua"
-    script.write_text(wrk_lua(10_000))
+    script.write_text(wrk_lua(10_000, realistic=realistic))
     upstreams = Upstreams((stable,), (canary,))
     try:
         started[0].wait_listening([stable, canary])

@@ -14,9 +14,12 @@ difference divided by the extra requests: the startup cost cancels out.
     python -m bench.instructions --services 100        # a bigger config (also --endpoints, --rules)
     python -m bench.instructions --tls                 # HTTPS at the listener (openssl's cert)
     python -m bench.instructions --access-log --decision-header   # with both on
+    python -m bench.instructions --realistic           # the realistic heads (browser, page)
+    python -m bench.instructions --header-lines 6      # ... with 6 request header lines of 11
 
 It sends what `make bench` sends (wrk's request head, the realistic config,
-nginx's response head). Counts are user-space instructions of the proxy process
+nginx's response head; with --realistic, what its -realistic targets send and
+get). Counts are user-space instructions of the proxy process
 (the kernel's share of the socket calls is not in them). The proxy runs with
 PYTHONHASHSEED=0: same binary, same inputs, the same count on every run.
 """
@@ -38,7 +41,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.configs import USER_AGENT, Certificate, Shape, Upstreams, grayproxy_yaml, openssl_command
+from bench.configs import (
+    REALISTIC_HEADER_LINES,
+    USER_AGENT,
+    Certificate,
+    Shape,
+    Upstreams,
+    grayproxy_yaml,
+    openssl_command,
+    realistic_request,
+    realistic_response,
+)
 from bench.procs import free_ports, is_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,13 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         "--access-log", action="store_true", help="with the JSON access log on, to a file"
     )
     parser.add_argument("--decision-header", action="store_true", help="with decision_header: true")
+    parser.add_argument(
+        "--realistic",
+        action="store_true",
+        help="the realistic heads: a browser's request, a page's response head and 2 KB body",
+    )
+    parser.add_argument(
+        "--header-lines",
+        type=int,
+        choices=range(2, len(REALISTIC_HEADER_LINES) + 1),
+        metavar="N",
+        help="with --realistic: only N request header lines (Host, the next ones, x-user-id)",
+    )
     args = parser.parse_args(argv)
+    if args.header_lines and not args.realistic:
+        parser.error("--header-lines goes with --realistic")
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
         return 1
     shape = Shape(args.services, args.endpoints, args.rules, gateway=args.services > 1)
-    ports = start_upstreams(args.endpoints)
-    options = Options(args.access_log, args.decision_header)
+    exchange = Exchange.realistic(args.header_lines) if args.realistic else Exchange()
+    ports = start_upstreams(args.endpoints, exchange.response)
+    options = Options(args.access_log, args.decision_header, exchange)
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-tls-") as tmp:
         tls = None
         if args.tls:
@@ -112,11 +140,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Exchange:
+    """The heads of a request and its response: by default those of `make bench`."""
+
+    header_lines: int = 0  # 0: the minimal request; else the realistic one with this many
+    response: bytes = RESPONSE
+
+    @staticmethod
+    def realistic(header_lines: int | None) -> Exchange:
+        return Exchange(header_lines or len(REALISTIC_HEADER_LINES), realistic_response())
+
+    def request(self, host: str, user: int) -> bytes:
+        if self.header_lines:
+            return realistic_request(host, user, user, self.header_lines)
+        return REQUEST.format(host=host, agent=USER_AGENT, user=user).encode()
+
+
+@dataclass(frozen=True, slots=True)
 class Options:
     """Features to switch on in the config (all off: what `make bench` runs)."""
 
     access_log: bool = False
     decision_header: bool = False
+    exchange: Exchange = Exchange()
 
     def apply(self, yaml: str, workdir: Path) -> str:
         if self.decision_header:
@@ -128,14 +174,14 @@ class Options:
         return yaml
 
 
-def start_upstreams(count: int) -> tuple[int, ...]:
-    """Minimal keep-alive HTTP/1.1 servers in a thread: one fixed answer per request."""
+def start_upstreams(count: int, response: bytes = RESPONSE) -> tuple[int, ...]:
+    """Minimal keep-alive HTTP/1.1 servers in a thread: `response` to every request."""
     ports = tuple(free_ports(count))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while await reader.readuntil(b"\r\n\r\n"):
-                writer.write(RESPONSE)
+                writer.write(response)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -193,24 +239,28 @@ def instructions(
                 if time.monotonic() > deadline or proxy.poll() is not None:
                     raise RuntimeError("grayproxy did not start under valgrind")
                 time.sleep(0.2)
-            send_requests(data, shape.host or "127.0.0.1", requests, tls is not None)
+            host = shape.host or "127.0.0.1"
+            send_requests(data, host, requests, tls is not None, options.exchange)
         finally:
             proxy.terminate()
             proxy.wait(120)
         return read_total(out.read_text(errors="replace")), compiled_functions(out)
 
 
-def send_requests(port: int, host: str, count: int, tls: bool = False) -> None:
+def send_requests(
+    port: int, host: str, count: int, tls: bool = False, exchange: Exchange = Exchange()
+) -> None:
     with socket.create_connection(("127.0.0.1", port)) as raw:
         sock = raw
         if tls:  # the run's own certificate: nothing to verify
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             sock = context.wrap_socket(raw)
+        body_end = exchange.response.partition(b"\r\n\r\n")[2][-16:]
         for user in range(count):
-            sock.sendall(REQUEST.format(host=host, agent=USER_AGENT, user=user).encode())
+            sock.sendall(exchange.request(host, user))
             received = b""
-            while not received.endswith(b"hello\n"):
+            while not received.endswith(body_end):
                 chunk = sock.recv(65536)
                 if not chunk:
                     raise RuntimeError("the proxy closed the connection")

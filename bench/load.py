@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.configs import STATUS_PATH, USER_AGENT
+from bench.configs import (
+    REALISTIC_BODY,
+    REALISTIC_RESPONSE_HEADERS,
+    STATUS_PATH,
+    USER_AGENT,
+    realistic_request,
+)
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -217,15 +223,20 @@ class _Probe:
         return statistics.median(self.samples) / 1e6
 
 
-def check_answers(port: int, host: str, tls: bool = False) -> str:
+def check_answers(port: int, host: str, tls: bool = False, realistic: bool = False) -> str:
     """One GET through a target (over TLS with `tls`, the run's own certificate not
-    verified); returns the body, raises if it is not a 200."""
+    verified; the realistic request with `realistic`); returns the body, raises if it is
+    not a 200, or not the realistic page and its head's lines."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         sock = _unverified_tls().wrap_socket(raw) if tls else raw
-        sock.sendall(probe_request(host, 1))
-        status, _, body = ResponseReader(sock).read()
+        sock.sendall(realistic_request(host, 1, 1) if realistic else probe_request(host, 1))
+        status, headers, body = ResponseReader(sock).read()
     if status != 200:
         raise ValueError(f"answers {status}: {body[:200]!r}")
+    if realistic:
+        missing = [name for name, _ in REALISTIC_RESPONSE_HEADERS if name.lower() not in headers]
+        if body.decode() != REALISTIC_BODY or missing:
+            raise ValueError(f"not the realistic page: {body[:100]!r}, missing {missing}")
     return body.decode(errors="replace").strip()
 
 

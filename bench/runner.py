@@ -3,7 +3,9 @@
 A target is something wrk can load: the upstream directly, a reference proxy, grayproxy with
 the realistic config, or grayproxy with one of the scaling-series configs. The `-https` pair
 is nginx and grayproxy terminating TLS with one certificate made for the run (keep-alive
-connections, the same upstreams over plain HTTP); grayproxy's is compared with nginx's. What
+connections, the same upstreams over plain HTTP); grayproxy's is compared with nginx's. The
+`-realistic` targets are the same processes loaded with browser-like heads (configs.realistic_
+request, and the upstreams' page response); theirs are compared with nginx-realistic. What
 cannot start, or stops answering, is recorded with the reason and left out; the others go on.
 """
 
@@ -56,6 +58,9 @@ class Settings:
         "nginx",
         "haproxy",
         "grayproxy",
+        "nginx-realistic",
+        "haproxy-realistic",
+        "grayproxy-realistic",
         "nginx-https",
         "grayproxy-https",
     )
@@ -96,6 +101,7 @@ class Target:
     alive: bool = True
     tls: bool = False  # wrk and the checks speak HTTPS to it
     reference: str = "nginx"  # the target its ratios to nginx are taken against
+    realistic: bool = False  # loaded with the realistic heads, not the minimal ones
 
     @property
     def host_header(self) -> str:
@@ -127,14 +133,16 @@ def started(settings: Settings, say: Say) -> Iterator[Run]:
         for name, start in _target_starters(settings, run):
             try:
                 target = start(stack)
-                body = load.check_answers(target.port, target.host_header, tls=target.tls)
+                body = load.check_answers(
+                    target.port, target.host_header, target.tls, target.realistic
+                )
             except (StartError, OSError, ValueError) as exc:
                 run.unavailable[name] = str(exc)
                 say(f"  {name}: could not start: {exc}")
                 continue
-            target.script = _wrk_script(run, target.host)
+            target.script = _wrk_script(run, target.host, target.realistic)
             run.targets.append(target)
-            say(f"  {name}: ready on 127.0.0.1:{target.port} (answers {body!r})")
+            say(f"  {name}: ready on 127.0.0.1:{target.port} (answers {body[:40]!r})")
         yield run
 
 
@@ -186,12 +194,42 @@ def _target_starters(settings: Settings, run: Run) -> Iterator[tuple[str, Starte
         "grayproxy-https": lambda stack: _start_grayproxy_https(run, stack),
     }
     for name in settings.proxies:
-        yield name, main[name]
+        base = name.removesuffix(REALISTIC_SUFFIX)
+        yield name, main[name] if base == name else _realistic_starter(run, base, main[base])
     if not settings.has_series:
         return
     for series, shape in series_shapes(settings):
         name = series_name(series, shape)
         yield name, _series_starter(run, name, series, shape)
+
+
+REALISTIC_SUFFIX = "-realistic"
+
+
+def _realistic_starter(run: Run, base: str, start_base: Starter) -> Starter:
+    """The target `base` loaded with the realistic heads: the same process as `base`'s
+    when that one runs (started first), else one of its own."""
+
+    def start(stack: ExitStack) -> Target:
+        started = next((t for t in run.targets if t.name == base), None) or start_base(stack)
+        return realistic_twin(started)
+
+    return start
+
+
+def realistic_twin(target: Target) -> Target:
+    """The same process as `target`, loaded with the realistic heads and compared with
+    nginx-realistic."""
+    return Target(
+        target.name + REALISTIC_SUFFIX,
+        target.port,
+        target.group,
+        host=target.host,
+        proc=target.proc,
+        tls=target.tls,
+        reference="nginx" + REALISTIC_SUFFIX,
+        realistic=True,
+    )
 
 
 def series_shapes(settings: Settings) -> Iterator[tuple[str, Shape]]:
@@ -292,10 +330,10 @@ def _start_grayproxy(
     return Target(name, port, "main", host=shape.host, proc=proc)
 
 
-def _wrk_script(run: Run, host: str) -> Path:
-    path = run.workdir / f"wrk-{host or 'default'}.lua"
+def _wrk_script(run: Run, host: str, realistic: bool = False) -> Path:
+    path = run.workdir / f"wrk-{host or 'default'}{'-realistic' if realistic else ''}.lua"
     if not path.exists():
-        path.write_text(configs.wrk_lua(run.settings.users, host))
+        path.write_text(configs.wrk_lua(run.settings.users, host, realistic))
     return path
 
 
@@ -331,10 +369,12 @@ def measure_round(run: Run, round_index: int, group: str, say: Say) -> None:
             say(f"  {target.name}: failed: {exc}")
             _notice_death(run, target, say)
             continue
+        metrics["round"] = round_index  # what its ratios pair it with
         target.rounds.append(metrics)
         measured.append(target)
         say(f"  {target.name:32} {_one_line(metrics)}")
-    probed = [target for target in measured if not target.tls]  # the probe speaks plain HTTP
+    # The probe speaks plain HTTP with the minimal heads, once per process.
+    probed = [target for target in measured if not target.tls and not target.realistic]
     if group == "main" and probed:
         probe_round(run, round_index, probed, say)
 

@@ -121,6 +121,46 @@ def header_name(raw: bytes) -> HeaderName:
 Header = tuple[bytes, bytes]
 
 
+class SeenRequestLine:
+    """A header line as last seen at one position of a request head, and what
+    was worked out for it: its HeaderName and its value as text."""
+
+    __slots__ = ("name", "raw_name", "raw_value", "text")
+
+    def __init__(self, raw_name: bytes, name: HeaderName, raw_value: bytes, text: str) -> None:
+        self.raw_name = raw_name
+        self.name = name
+        self.raw_value = raw_value
+        self.text = text
+
+
+# Clients send the same names in the same order on every request, and mostly
+# the same values: a line equal to the one last seen at its position takes
+# what was worked out for it then, after a comparison of bytes, where a new
+# one costs a hash and a lookup for its name and a decoding for its value.
+# Only the first MAX_SEEN_LINES positions are remembered: a head of many
+# lines leaves no more behind. Heads are read by the event loop's thread only.
+_SEEN_REQUEST: Final[list[SeenRequestLine]] = []
+MAX_SEEN_LINES: Final = 64
+
+
+def seen_request_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenRequestLine:
+    """What is known of the header line at `index` of a request head."""
+    if index < len(_SEEN_REQUEST):
+        seen = _SEEN_REQUEST[index]
+        if seen.raw_name != raw_name:
+            seen.raw_name = raw_name
+            seen.name = header_name(raw_name)
+        if seen.raw_value != raw_value:
+            seen.raw_value = raw_value
+            seen.text = raw_value.decode("latin-1")
+        return seen
+    seen = SeenRequestLine(raw_name, header_name(raw_name), raw_value, raw_value.decode("latin-1"))
+    if index < MAX_SEEN_LINES:
+        _SEEN_REQUEST.append(seen)
+    return seen
+
+
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
@@ -146,8 +186,9 @@ class RequestHead:
         headers = self.headers
         for index, header in enumerate(raw_headers):
             raw_value = header[1]
-            name = header_name(header[0])
-            text = raw_value.decode("latin-1")
+            line = seen_request_line(index, header[0], raw_value)
+            name = line.name
+            text = line.text
             key = name.key
             if name.request_checked:
                 if name.underscore:
@@ -402,27 +443,57 @@ def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], byt
     length: bytes | None = None
     upgrade = b""
     dropped = NOTHING
-    for header in headers:
-        raw, value = header
-        if _may_be_checked(raw):  # else copied without a lookup
-            name = header_name(raw)
-            if name.response_checked:
-                if name.key == "content-length":
-                    length = value
-                elif name.key == "upgrade":
-                    upgrade = value
-                elif name.key == "connection":
-                    dropped = add_connection_options(dropped, value)
-                continue
-        parts.append(raw)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
+    for index, header in enumerate(headers):
+        seen = seen_response_line(index, header[0], header[1])
+        key = seen.key
+        if not key:
+            parts.append(seen.line)
+        elif key == "content-length":
+            length = header[1]
+        elif key == "upgrade":
+            upgrade = header[1]
+        elif key == "connection":
+            dropped = add_connection_options(dropped, header[1])
     if dropped:  # rare: Connection lists end-to-end names; build the lines again without them
         kept = [h for h in headers if not header_name(h[0]).response_checked]
         parts = [parts[0]]
         append_lines(parts, without_listed(kept, dropped))
     return parts, length, upgrade
+
+
+class SeenResponseLine:
+    """A response header line as last seen at one position of a response head,
+    and what it becomes: the lower-case name when the proxy reads or drops it
+    (CHECKED_RESPONSE_HEADERS), else "" and the line to pass on."""
+
+    __slots__ = ("key", "line", "raw_name", "raw_value")
+
+    def __init__(self) -> None:
+        self.raw_name = self.raw_value = self.line = b""
+        self.key = ""
+
+
+# As _SEEN_REQUEST, for the upstreams' responses: the same lines, mostly, in
+# the same order (a changing Date or ETag is built again).
+_SEEN_RESPONSE: Final[list[SeenResponseLine]] = []
+
+
+def seen_response_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenResponseLine:
+    """What is known of the header line at `index` of a response head."""
+    if index < len(_SEEN_RESPONSE):
+        seen = _SEEN_RESPONSE[index]
+        if seen.raw_value == raw_value and seen.raw_name == raw_name:
+            return seen
+    else:
+        seen = SeenResponseLine()
+        if index < MAX_SEEN_LINES:
+            _SEEN_RESPONSE.append(seen)
+    seen.raw_name = raw_name
+    seen.raw_value = raw_value
+    checked = _may_be_checked(raw_name) and header_name(raw_name).response_checked
+    seen.key = header_name(raw_name).key if checked else ""
+    seen.line = b"" if checked else b"".join((raw_name, b": ", raw_value, b"\r\n"))
+    return seen
 
 
 def _may_be_checked(raw_name: bytes) -> bool:

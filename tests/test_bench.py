@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import cli, configs, load, procs, report
+from bench import cli, configs, instructions, load, procs, report, runner
 from bench.configs import Shape, Upstreams
 from bench.runner import Settings, Target, interleaved, series_shapes
 from proxy.loader import parse_config
@@ -57,7 +58,7 @@ def test_wrk_command_has_latency_and_the_script() -> None:
 def test_wrk_lua_cycles_through_users_and_sets_the_host() -> None:
     script = configs.wrk_lua(500, "svc100.bench.test")
     assert "local count = 500" in script
-    assert '["Host"] = "svc100.bench.test"' in script
+    assert 'local host = "svc100.bench.test"' in script
     assert '"x-user-id"' in script and "BENCH_JSON" in script
     assert 'wrk.headers["Host"]' in configs.wrk_lua(10)
 
@@ -254,6 +255,8 @@ def test_interleaved_rotates_the_order() -> None:
 def _target(name: str, group: str = "main", **metrics: float | None) -> Target:
     rounds = [dict(metrics), {**metrics, "requests_per_s": (metrics["requests_per_s"] or 0) * 3}]
     rounds.append(dict(metrics))
+    for index, figures in enumerate(rounds):
+        figures["round"] = index
     return Target(name, 0, group, rounds=rounds, peak_rss_mb=10.0)
 
 
@@ -398,3 +401,178 @@ def test_grayproxy_https_is_compared_with_nginx_https() -> None:
     assert rows["grayproxy-https"]["rps_vs_nginx"] == pytest.approx(0.75)
     assert rows["grayproxy-https"]["cpu_vs_nginx"] == pytest.approx(1.5)
     assert rows["nginx-https"]["rps_vs_nginx"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- the realistic heads
+
+
+def test_the_realistic_request_is_a_browsers() -> None:
+    head = configs.realistic_request("127.0.0.1:8080", 7, 42)
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "GET /app/items?page=2&sort=price&q=blue+shoes HTTP/1.1"
+    assert lines[-2:] == ["", ""] and len(lines) - 3 == 11  # 11 header lines
+    names = [line.split(":")[0].lower() for line in lines[1:-2]]
+    assert names == ["host", "user-agent", "accept", "accept-language", "accept-encoding",
+                     "cookie", "referer", "x-request-id", "sec-fetch-mode", "cache-control",
+                     "x-user-id"]  # fmt: skip
+    assert "x-user-id: user-42" in lines and lines[1] == "Host: 127.0.0.1:8080"
+    assert lines[8].endswith("-000000000007") and lines[6].count("=") == 3  # three cookies
+    assert 600 <= len(head) <= 800
+    # Fewer lines for the per-line cost: Host first, x-user-id last, the rest in order.
+    six = configs.realistic_request("h", 7, 42, header_lines=6).decode().split("\r\n")
+    assert [line.split(":")[0] for line in six[1:-2]] == [
+        "Host", "User-Agent", "Accept", "Accept-Language", "Accept-Encoding", "x-user-id"
+    ]  # fmt: skip
+    assert configs.realistic_request("h", 7, 42, header_lines=2).count(b"\r\n") == 4
+
+
+def test_the_realistic_response_is_a_pages() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        right.sendall(configs.realistic_response())
+        status, headers, body = load.ResponseReader(left).read()
+    assert status == 200 and body.decode() == configs.REALISTIC_BODY and len(body) == 2048
+    assert headers["content-type"] == configs.REALISTIC_CONTENT_TYPE
+    assert {"date", "cache-control", "etag", "vary", "set-cookie"} <= set(headers)
+    assert len(headers) == 9
+
+
+def test_realistic_targets_share_their_process_and_compare_with_nginx_realistic() -> None:
+    assert {"nginx-realistic", "haproxy-realistic", "grayproxy-realistic"} <= set(
+        Settings().proxies
+    )
+    base = Target("grayproxy", 8080, "main", host="h", proc=None)
+    twin = runner.realistic_twin(base)
+    assert (twin.name, twin.port, twin.host, twin.proc) == ("grayproxy-realistic", 8080, "h", None)
+    assert twin.realistic and not base.realistic
+    assert twin.reference == "nginx-realistic"
+
+
+WRK = shutil.which("wrk")
+
+
+@pytest.mark.skipif(WRK is None, reason="no wrk")
+def test_wrk_sends_the_realistic_heads_every_proxy_gets(tmp_path: Path) -> None:
+    """nginx, HAProxy and grayproxy get one script; what wrk sends with it is exactly
+    realistic_request, request after request."""
+    received: list[bytes] = []
+    server = _RecordingServer(received)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        script = tmp_path / "realistic.lua"
+        script.write_text(configs.wrk_lua(3, realistic=True))
+        command = load.wrk_command(
+            f"http://127.0.0.1:{port}/", script, connections=1, threads=1, seconds=1
+        )
+        load.run_wrk(command, 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    host = f"127.0.0.1:{port}"
+    expected = [configs.realistic_request(host, n, n) for n in (1, 2, 3)]
+    # In turn (wrk asks its script for one request before it connects).
+    assert received[:4] == [expected[1], expected[2], expected[0], expected[1]]
+
+
+class _RecordingServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def __init__(self, received: list[bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.received = received
+
+
+class _RecordingHandler(socketserver.StreamRequestHandler):
+    server: _RecordingServer
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError):  # wrk resets its connections at the end
+            while head := self._head():
+                self.server.received.append(head)
+                self.wfile.write(configs.realistic_response())
+
+    def _head(self) -> bytes:
+        head = b""
+        while (line := self.rfile.readline()) != b"\r\n":
+            if not line:
+                return b""
+            head += line
+        return head + line
+
+
+@pytest.mark.skipif(NGINX is None, reason="no nginx")
+def test_the_upstream_answers_the_realistic_request_with_the_page(tmp_path: Path) -> None:
+    assert NGINX is not None
+    (port,) = procs.free_ports(1)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(configs.upstream_nginx_conf(tmp_path, [port], "hello"))
+    command = [NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")]
+    upstream = procs.Proc("upstream", command, tmp_path)
+    try:
+        upstream.wait_listening([port])
+        body = load.check_answers(port, f"127.0.0.1:{port}", realistic=True)
+        assert body == configs.REALISTIC_BODY.strip()
+        assert load.check_answers(port, f"127.0.0.1:{port}") == "hello"
+    finally:
+        upstream.stop()
+
+
+def test_the_realistic_check_wants_the_page(
+    upstream_log: tuple[list[tuple[str, str]], list[_Upstream]],
+) -> None:
+    _, servers = upstream_log
+    port = servers[0].server_address[1]
+    assert load.check_answers(port, "h") == "ok"
+    with pytest.raises(ValueError, match="not the realistic page"):
+        load.check_answers(port, "h", realistic=True)
+
+
+def test_ratios_pair_each_round_with_the_references_same_round() -> None:
+    nginx: list[dict[str, float | None]] = [
+        {"round": 0, "requests_per_s": 100.0},
+        {"round": 1, "requests_per_s": 50.0},
+        {"round": 2, "requests_per_s": 100.0},
+    ]
+    # Round 1 was a slow spell for both; round 0 of grayproxy failed.
+    gray: list[dict[str, float | None]] = [
+        {"round": 1, "requests_per_s": 45.0},
+        {"round": 2, "requests_per_s": 80.0},
+    ]
+    assert report.paired_ratio(gray, nginx, "requests_per_s") == pytest.approx(0.85)
+    assert report.paired_ratio(gray, [], "requests_per_s") is None
+
+
+def test_the_realistic_and_https_targets_are_checked_against_their_goals() -> None:
+    targets = [
+        _target("nginx", **_figures(20_000, 0.5, 0.30)),
+        _target("grayproxy", **_figures(15_000, 0.65, 0.35)),
+        _target("nginx-realistic", **_figures(10_000, 1.0, 0.30)),
+        _target("grayproxy-realistic", **_figures(8_500, 1.25, 0.35)),
+        _target("nginx-https", **_figures(10_000, 1.0, 0.30)),
+        _target("grayproxy-https", **_figures(8_500, 1.5, 0.35)),
+    ]
+    for target in targets[2:]:
+        target.reference = "nginx-" + target.name.split("-")[1]
+    checks = report.target_checks(report.main_rows(targets))
+    x = "\N{MULTIPLICATION SIGN}"
+    assert [(what.split(":")[0], value, met) for what, value, met in checks[:5]] == [
+        ("grayproxy", f"0.75{x}", True),
+        ("grayproxy", f"1.30{x}", True),
+        ("grayproxy-realistic", f"0.85{x}", False),
+        ("grayproxy-realistic", f"1.25{x}", False),
+        ("grayproxy-https", f"0.85{x}", True),  # no CPU goal
+    ]
+    assert f"1.2{x} nginx-realistic" in checks[3][0]
+
+
+def test_instructions_count_the_realistic_heads_with_fewer_lines_on_request() -> None:
+    exchange = instructions.Exchange.realistic(6)
+    assert exchange.request("h", 3) == configs.realistic_request("h", 3, 3, 6)
+    assert exchange.response == configs.realistic_response()
+    assert instructions.Exchange.realistic(None).request("h", 3) == configs.realistic_request(
+        "h", 3, 3
+    )
+    assert b"x-user-id: user-3" in instructions.Exchange().request("h", 3)
+    with pytest.raises(SystemExit):
+        instructions.main(["--header-lines", "6"])  # without --realistic

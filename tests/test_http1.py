@@ -378,3 +378,123 @@ def test_open_chunk_size_at_the_first_byte_and_with_a_line_split_before_its_crlf
     assert open_chunk_size(b"x\r\n1", b"2\r", 0) is None  # its CRLF not here yet
     assert open_chunk_size(b"x\r\n12\r", b"\nab", 2) == 0x12
     assert open_chunk_size(b"", b"\r\n", 0) is None  # an empty line is no size
+
+
+@pytest.fixture(autouse=True)
+def no_seen_lines() -> None:
+    """Nor the header lines last seen at each position (see http1.seen_request_line)."""
+    http1._SEEN_REQUEST.clear()
+    http1._SEEN_RESPONSE.clear()
+
+
+def facts(request: RequestHead) -> tuple[object, ...]:
+    return (
+        request.headers,
+        request.forwarded,
+        request.host,
+        request.chunked,
+        request.want_continue,
+        request.content_length,
+        request.unchanged,
+    )
+
+
+def read_alone(lines: list[tuple[bytes, bytes]]) -> tuple[object, ...] | str:
+    """What RequestHead makes of `lines` with nothing seen before, or its refusal."""
+    http1._SEEN_REQUEST.clear()
+    try:
+        return facts(RequestHead(lines, False))
+    except errors.ProxyError as exc:
+        return repr(exc)
+
+
+HEADER_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"Host", b"host", b"X-A", b"x-a", b"Cookie", b"Accept", b"X_B"]),
+        st.sampled_from([b"", b"1", b"a", b"x.test", b"a=1", b"text/html, */*"]),
+    ),
+    max_size=6,
+)
+
+
+@given(HEADER_LINES, HEADER_LINES)
+def test_a_head_reads_the_same_whatever_heads_came_before(
+    earlier: list[tuple[bytes, bytes]], lines: list[tuple[bytes, bytes]]
+) -> None:
+    alone = read_alone(lines)
+    read_alone(earlier)  # leaves its lines seen
+    try:
+        after = facts(RequestHead(lines, False))
+    except errors.ProxyError as exc:
+        assert repr(exc) == alone
+    else:
+        assert after == alone
+
+
+def test_repeated_lines_with_the_same_short_value_are_joined_every_time() -> None:
+    # One-character and empty values decode to one shared str: the join must
+    # still see two lines.
+    for _ in range(2):
+        request = head(
+            (b"Host", b"x"), (b"X-A", b"1"), (b"X-A", b"1"), (b"X-E", b""), (b"x-e", b"")
+        )
+        assert request.headers["x-a"] == "1, 1" and request.headers["x-e"] == ", "
+
+
+def test_a_line_unlike_the_one_last_seen_at_its_place_is_read_afresh() -> None:
+    assert head((b"Host", b"x"), (b"X-A", b"1")).headers == {"host": "x", "x-a": "1"}
+    assert head((b"Host", b"x"), (b"X-B", b"1")).headers == {"host": "x", "x-b": "1"}
+    assert head((b"Host", b"x"), (b"X-B", b"2")).headers == {"host": "x", "x-b": "2"}
+    longer = head((b"Host", b"y"), (b"X-B", b"2"), (b"Connection", b"close, X-B"))
+    assert longer.host == "y" and longer.forwarded == [(b"Host", b"y")]
+    assert len(http1._SEEN_REQUEST) == 3
+
+
+def response_alone(lines: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:
+    """What response_lines makes of `lines` with nothing seen before, joined."""
+    http1._SEEN_RESPONSE.clear()
+    parts, length, upgrade = response_lines(200, lines)
+    return b"".join(parts), length, upgrade
+
+
+RESPONSE_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"Date", b"ETag", b"Content-Length", b"Connection", b"Upgrade", b"X-A"]),
+        st.sampled_from([b"", b"1", b"x-a", b"close", b"Mon, 30 Nov 2026", b"websocket"]),
+    ),
+    max_size=6,
+)
+
+
+@given(RESPONSE_LINES, RESPONSE_LINES)
+def test_a_response_head_reads_the_same_whatever_heads_came_before(
+    earlier: list[tuple[bytes, bytes]], lines: list[tuple[bytes, bytes]]
+) -> None:
+    alone = response_alone(lines)
+    response_alone(earlier)  # leaves its lines seen
+    parts, length, upgrade = response_lines(200, lines)
+    assert (b"".join(parts), length, upgrade) == alone
+
+
+def test_a_response_line_unlike_the_one_last_seen_at_its_place_is_built_afresh() -> None:
+    def joined(*lines: tuple[bytes, bytes]) -> bytes:
+        return b"".join(response_lines(200, list(lines))[0])
+
+    assert joined((b"Date", b"1"), (b"X-A", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 1\r\nX-A: a\r\n"
+    assert joined((b"Date", b"2"), (b"X-A", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 2\r\nX-A: a\r\n"
+    assert joined((b"Date", b"2"), (b"X-B", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 2\r\nX-B: a\r\n"
+    _, length, _ = response_lines(200, [(b"Date", b"2"), (b"Content-Length", b"a")])
+    assert length == b"a" and http1._SEEN_RESPONSE[1].line == b""
+    assert joined((b"Date", b"2"), (b"Content-Type", b"a")) == (
+        b"HTTP/1.1 200 OK\r\nDate: 2\r\nContent-Type: a\r\n"
+    )
+
+
+def test_only_the_first_positions_are_remembered() -> None:
+    many = [(b"Host", b"x")] + [(b"X-%d" % n, b"%d" % n) for n in range(2 * http1.MAX_SEEN_LINES)]
+    for _ in range(2):
+        request = RequestHead(many, False)
+        assert request.headers["x-100"] == "100" and len(request.headers) == len(many)
+        parts, _, _ = response_lines(200, many[1:])
+        assert b"".join(parts).endswith(b"X-127: 127\r\n") and len(parts) == len(many)
+    assert len(http1._SEEN_REQUEST) == len(http1._SEEN_RESPONSE) == http1.MAX_SEEN_LINES
