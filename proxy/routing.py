@@ -91,7 +91,10 @@ class RequestView:
         """The first value of cookie ``name``, or None."""
         cookies = self._cookies
         if cookies is None:
-            cookies = self._cookies = _parse_cookies(self.headers.get("cookie"))
+            header = self.headers.get("cookie")
+            if header is None or name not in header:
+                return None  # cannot be there: the header is not parsed (a rule's cookie, often)
+            cookies = self._cookies = parse_cookies(header)
         return cookies.get(name)
 
     def query_param(self, name: str) -> str | None:
@@ -113,7 +116,7 @@ class RequestView:
 _NO_COOKIES: Final[dict[str, str]] = {}
 
 
-def _parse_cookies(header: str | None) -> dict[str, str]:
+def parse_cookies(header: str | None) -> dict[str, str]:
     if not header:
         return _NO_COOKIES
     cookies: dict[str, str] = {}

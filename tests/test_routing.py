@@ -39,6 +39,7 @@ from proxy.routing import (
     hash_candidates,
     hash_version,
     normalize_host,
+    parse_cookies,
     rendezvous,
     version_seed,
 )
@@ -541,6 +542,18 @@ def test_cookies_are_parsed_leniently() -> None:
     assert request.cookie("d") == "e=f"
     assert request.cookie("junk") is None
     assert view().cookie("a") is None
+
+
+@given(
+    header=st.text(alphabet='ab =;"', max_size=24),
+    names=st.lists(st.sampled_from(["a", "b", "ab", "ba", "a b", "x"]), min_size=1, max_size=4),
+)
+def test_a_cookie_reads_the_same_whatever_was_asked_before(header: str, names: list[str]) -> None:
+    """Asking for a cookie the header cannot hold skips parsing it: the answers are the ones
+    a parse of the whole header gives, in any order of questions."""
+    request = view({"cookie": header})
+    for name in names:
+        assert request.cookie(name) == parse_cookies(header).get(name)
 
 
 def test_query_parameters_are_decoded_and_the_first_value_counts() -> None:
