@@ -118,6 +118,8 @@ def test_transfer_encoding_is_exactly_chunked_in_any_case() -> None:
         (b"/a?b", "x", b"GET", b"/a?b"),
         (b"http://x/a?b", "x", b"GET", b"/a?b"),
         (b"HTTP://X:80", "x:80", b"GET", b"/"),
+        (b"https://x/a", "x", b"GET", b"/a"),
+        (b"HTTPS://X", "x", b"GET", b"/"),
         (b"*", "x", b"OPTIONS", b"*"),
     ],
 )
@@ -126,11 +128,44 @@ def test_origin_form(url: bytes, host: str, method: bytes, target: bytes) -> Non
 
 
 @pytest.mark.parametrize(
-    ("url", "method"), [(b"http://evil/a", b"GET"), (b"*", b"GET"), (b"a", b"GET")]
+    ("url", "method", "why"),
+    [
+        (b"http://evil/a", b"GET", "absolute-form target names another host"),
+        (b"https://evil/a", b"GET", "absolute-form target names another host"),
+        (b"*", b"GET", "invalid request target"),
+        (b"a", b"GET", "invalid request target"),
+    ],
 )
-def test_origin_form_refusals(url: bytes, method: bytes) -> None:
-    with pytest.raises(errors.BadRequest):
+def test_origin_form_refusals(url: bytes, method: bytes, why: str) -> None:
+    with pytest.raises(errors.BadRequest, match=f"^{why}$"):
         origin_form(url, "x", method)
+
+
+@pytest.mark.parametrize(
+    ("lines", "error", "why"),
+    [
+        ([(b"Host", b"a"), (b"Host", b"b")], errors.BadRequest, "more than one Host"),
+        ([(b"Host", b"a,b")], errors.BadRequest, "more than one Host"),
+        ([(b"Host", b"a b")], errors.BadRequest, "invalid Host"),
+        ([(b"X-A", b"1")], errors.BadRequest, "missing Host header"),
+        (
+            [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip")],
+            errors.BadRequest,
+            "malformed Transfer-Encoding: the final coding must be chunked",
+        ),
+        (
+            [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip,chunked")],
+            errors.UnsupportedTransferCoding,
+            "only the chunked transfer coding is supported",
+        ),
+    ],
+)
+def test_each_refusal_says_why(
+    lines: list[tuple[bytes, bytes]], error: type[Exception], why: str
+) -> None:
+    """The reason is in the error answer and in `explain`: each refusal names its own."""
+    with pytest.raises(error, match=f"^{why}$"):
+        RequestHead(lines, http10=False)
 
 
 def test_upstream_head_is_reframed_with_forwarding_headers() -> None:
@@ -306,7 +341,9 @@ def test_http10_without_host_goes_upstream_with_an_empty_host() -> None:
     assert b"x-forwarded-host" not in sent
 
 
-@pytest.mark.parametrize(("given", "sent"), [(b"0", b"0"), (b"007", b"7"), (b"0" * 30, b"0")])
+@pytest.mark.parametrize(
+    ("given", "sent"), [(b"0", b"0"), (b"00", b"0"), (b"007", b"7"), (b"0" * 30, b"0")]
+)
 def test_content_length_goes_upstream_without_leading_zeros(given: bytes, sent: bytes) -> None:
     request = head((b"Host", b"x"), (b"Content-Length", given))
     upstream = upstream_head(b"POST", b"/", request, forwarded_for_lines("::1"), None)
@@ -448,6 +485,14 @@ def test_a_line_unlike_the_one_last_seen_at_its_place_is_read_afresh() -> None:
     longer = head((b"Host", b"y"), (b"X-B", b"2"), (b"Connection", b"close, X-B"))
     assert longer.host == "y" and longer.forwarded == [(b"Host", b"y")]
     assert len(http1._SEEN_REQUEST) == 3
+
+
+def test_a_line_like_the_one_last_seen_at_its_place_is_not_read_again() -> None:
+    """The memo's point: the same value at the same place is the text made for it before."""
+    first = head((b"Host", b"x"), (b"X-A", b"a value"))
+    again = head((b"Host", b"x"), (b"X-A", b"a value"))
+    assert again.headers["x-a"] is first.headers["x-a"]
+    assert http1._SEEN_REQUEST[1].raw_name == b"X-A"
 
 
 def response_alone(lines: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:
