@@ -17,6 +17,7 @@ from proxy.http1 import (
     check_transfer_encoding,
     error_response,
     forwarded_for_lines,
+    forwarded_host_line,
     framed_response_head,
     open_chunk_size,
     origin_form,
@@ -485,6 +486,17 @@ def test_a_line_unlike_the_one_last_seen_at_its_place_is_read_afresh() -> None:
     longer = head((b"Host", b"y"), (b"X-B", b"2"), (b"Connection", b"close, X-B"))
     assert longer.host == "y" and longer.forwarded == [(b"Host", b"y")]
     assert len(http1._SEEN_REQUEST) == 3
+
+
+def test_x_forwarded_host_is_made_for_a_host_no_check_remembered() -> None:
+    assert forwarded_host_line("shop.test:8080") == b"x-forwarded-host: shop.test:8080\r\n"
+    head((b"Host", b"shop.test"))  # remembered by the check
+    assert forwarded_host_line("shop.test") == b"x-forwarded-host: shop.test\r\n"
+
+
+def test_connection_options_are_split_on_commas_without_spaces() -> None:
+    request = head((b"Host", b"x"), (b"X-A", b"1"), (b"X-B", b"2"), (b"Connection", b"close,X-A"))
+    assert request.forwarded == [(b"Host", b"x"), (b"X-B", b"2")]
 
 
 def test_a_line_like_the_one_last_seen_at_its_place_is_not_read_again() -> None:
