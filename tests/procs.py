@@ -44,6 +44,17 @@ def tool(name: str) -> str:
     pytest.skip(f"{name} is not installed")
 
 
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """Stop ``process`` if it runs: SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     return free_ports(1)[0]
@@ -254,12 +265,7 @@ class ProxyProcess:
 
     def close(self) -> None:
         """Stop it if it runs (SIGTERM, then SIGKILL); keep its output, remove its files."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self._captured = {name: self._read(name) for name in ("stdout", "stderr")}
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from procs import DIRECT, free_port, http_get, tool
+from procs import DIRECT, free_port, http_get, terminate, tool
 
 SCRAPE_INTERVAL = "1s"
 
@@ -108,13 +108,8 @@ class PrometheusProcess:
         return active
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

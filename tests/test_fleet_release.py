@@ -140,11 +140,28 @@ def release_file(tmp_path: Path, replica: ProxyProcess, *, pause: str = "1s") ->
     return str(path)
 
 
+def release_run_args(
+    file: str, fleet: Sequence[ProxyProcess], prometheus: PrometheusProcess
+) -> list[str]:
+    return ["release", "run", "-c", file, "--service", "web", "--url", urls(fleet),
+            "--prometheus", prometheus.url]  # fmt: skip
+
+
 def release_run(
     tmp_path: Path, fleet: Sequence[ProxyProcess], prometheus: PrometheusProcess
 ) -> subprocess.CompletedProcess[str]:
-    args = ("-c", release_file(tmp_path, fleet[0]), "--service", "web", "--url", urls(fleet))
-    return run_cli("release", "run", *args, "--prometheus", prometheus.url, timeout=60)
+    file = release_file(tmp_path, fleet[0])
+    return run_cli(*release_run_args(file, fleet, prometheus), timeout=60)
+
+
+def started_release_run(
+    file: str, fleet: Sequence[ProxyProcess], prometheus: PrometheusProcess
+) -> subprocess.Popen[str]:
+    """`release run` started, its output readable as it goes."""
+    command = grayproxy_command(*release_run_args(file, fleet, prometheus))
+    return subprocess.Popen(
+        command, env=child_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_weights(replicas: Sequence[ProxyProcess], expected: dict[str, float]) -> None:
@@ -225,13 +242,8 @@ def test_webhooks_are_asked_and_notified_as_the_proxy_does(
 def test_sigterm_aborts_and_gives_the_baseline_back_everywhere(
     tmp_path: Path, fleet: list[ProxyProcess], prometheus: PrometheusProcess
 ) -> None:
-    file = release_file(tmp_path, fleet[0], pause="10m")
-    command = grayproxy_command(
-        "release", "run", "-c", file, "--service", "web", "--url", urls(fleet),
-        "--prometheus", prometheus.url,
-    )  # fmt: skip
-    with subprocess.Popen(
-        command, env=child_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    with started_release_run(
+        release_file(tmp_path, fleet[0], pause="10m"), fleet, prometheus
     ) as driver:
         assert driver.stdout is not None
         lines = iter(driver.stdout.readline, "")
@@ -248,14 +260,7 @@ def test_sigterm_aborts_and_gives_the_baseline_back_everywhere(
 def test_a_replica_changed_behind_the_release_aborts_it(
     tmp_path: Path, fleet: list[ProxyProcess], prometheus: PrometheusProcess
 ) -> None:
-    file = release_file(tmp_path, fleet[0])
-    command = grayproxy_command(
-        "release", "run", "-c", file, "--service", "web", "--url", urls(fleet),
-        "--prometheus", prometheus.url,
-    )  # fmt: skip
-    with subprocess.Popen(
-        command, env=child_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    ) as driver:
+    with started_release_run(release_file(tmp_path, fleet[0]), fleet, prometheus) as driver:
         wait_for_weights(fleet, {"stable": 80, "canary": 20})
         by_hand = ("ctl", "--url", fleet[1].control_url, "weights", "web", "stable=70", "canary=30")
         assert run_cli(*by_hand).returncode == 0
