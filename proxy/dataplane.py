@@ -31,12 +31,12 @@ from .http1 import (
     IDEMPOTENT_METHODS,
     MAX_CHUNK_LINE,
     MAX_CHUNK_SIZE,
+    ResponseHead,
     error_response,
     forwarded_for_lines,
     framed_response_head,
     open_chunk_size,
     request_line_end,
-    response_lines,
 )
 from .metrics import Metrics
 from .mirror import Mirrors, Shadow
@@ -821,19 +821,20 @@ class Exchange:
             self._upstream_error(errors.UpstreamTimeout(f"upstream sent nothing for {timeout:g}s"))
 
     # -- ResponseSink: called by the upstream connection -------------------
-    def response_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def response_informational(self, status: int) -> None:
         if status == 100 and self.plan.want_continue and not self.plan.http10:
             self.client.write(CONTINUE)
             self.sent += len(CONTINUE)
 
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]], close: bool) -> None:
+    def response_head(self, status: int, head: ResponseHead, close: bool) -> None:
         assert self.target is not None
         self._last_read = self.plane.now
         if self._upstream_start:
             self._upstream_over()
         self.status = status
         self.upstream_closes = close
-        lines, length, upgrade = response_lines(status, headers)
+        lines = list(head.parts)  # to be added to: the head may be read again
+        length, upgrade = head.length, head.upgrade
         plan = self.plan
         lines.append(plan.request_id)
         if self.target.decision_header:
@@ -847,11 +848,11 @@ class Exchange:
         if plan.set_cookie:
             extra += b"set-cookie: " + plan.set_cookie.encode("latin-1") + b"\r\n"
         close_after = self.close_after or not self.request_done or self.plane.draining
-        head, self._chunked_response, self.close_after = framed_response_head(
+        framed, self._chunked_response, self.close_after = framed_response_head(
             lines, length, bodyless, plan.http10, close_after, extra
         )
-        self.sent += len(head)
-        self.client.outgoing.append(head)
+        self.sent += len(framed)
+        self.client.outgoing.append(framed)
 
     def _switch_protocols(self, lines: list[bytes], upgrade: bytes) -> None:
         """101: from here on, bytes pass unchanged both ways until either side closes."""

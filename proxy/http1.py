@@ -436,40 +436,102 @@ def append_lines(parts: list[bytes], headers: list[Header]) -> None:
         parts.append(b"\r\n")
 
 
-def response_lines(status: int, headers: list[Header]) -> tuple[list[bytes], bytes | None, bytes]:
-    """The status line and the end-to-end header lines of an upstream response,
-    as pieces to join, its Content-Length (None if absent) and its Upgrade."""
+def head_lines(raw: bytes, start: int) -> tuple[list[bytes], int]:
+    """The lines of the head that llhttp accepted at `start` of `raw`, each
+    without its CRLF, the start line first, and the offset just past the head.
+    Empty lines before the start line, which llhttp skips, are skipped. A head
+    llhttp accepted ends at its first empty line, and no line of it holds a CR
+    or an LF: splitting on CRLF gives back the lines llhttp read."""
+    while raw[start] == 13 or raw[start] == 10:  # CR, LF
+        start += 1
+    end = raw.find(b"\r\n\r\n", start)
+    return raw[start:end].split(b"\r\n"), end + 4
+
+
+def header_field(line: bytes) -> Header:
+    """(name, value) of a header line llhttp accepted, as its callbacks give
+    them: the value without the spaces and tabs after the colon, with any at
+    its end."""
+    name, _, value = line.partition(b":")
+    return name, value.lstrip(b" \t")
+
+
+def response_lines(status: int, lines: list[bytes]) -> tuple[list[bytes], bytes | None, bytes]:
+    """The status line and the end-to-end header lines of an upstream response
+    whose header `lines` (head_lines' after the status line) are given, as
+    pieces to join, its Content-Length (None if absent) and its Upgrade."""
     parts = [status_line(status)]
     length: bytes | None = None
     upgrade = b""
     dropped = NOTHING
-    for index, header in enumerate(headers):
-        seen = seen_response_line(index, header[0], header[1])
+    for index, line in enumerate(lines):
+        seen = seen_response_line(index, line)
         key = seen.key
         if not key:
             parts.append(seen.line)
         elif key == "content-length":
-            length = header[1]
+            length = seen.value
         elif key == "upgrade":
-            upgrade = header[1]
+            upgrade = seen.value
         elif key == "connection":
-            dropped = add_connection_options(dropped, header[1])
+            dropped = add_connection_options(dropped, seen.value)
     if dropped:  # rare: Connection lists end-to-end names; build the lines again without them
-        kept = [h for h in headers if not header_name(h[0]).response_checked]
+        fields = [header_field(line) for line in lines]
+        kept = [h for h in fields if not header_name(h[0]).response_checked]
         parts = [parts[0]]
         append_lines(parts, without_listed(kept, dropped))
     return parts, length, upgrade
 
 
+class ResponseHead:
+    """An upstream response head as received (`raw`, from its status line to
+    its empty line), and what the proxy makes of it (response_lines'): the
+    status line and end-to-end lines as pieces, Content-Length and Upgrade."""
+
+    __slots__ = ("length", "parts", "raw", "upgrade")
+
+    def __init__(self, raw: bytes, status: int) -> None:
+        self.raw = raw
+        self.parts, self.length, self.upgrade = response_lines(status, head_lines(raw, 0)[0][1:])
+
+    def header_lines(self) -> list[bytes]:
+        return head_lines(self.raw, 0)[0][1:]
+
+
+# The head last read: an upstream answers the same request with the same head
+# again and again but for its Date, which changes once a second. A head equal
+# to it costs one comparison, where another is split into lines.
+_LAST_RESPONSE: Final[list[ResponseHead]] = []
+
+
+def response_head(raw: bytes, start: int, status: int) -> tuple[ResponseHead, int]:
+    """The response head that llhttp accepted, with `status`, at `start` of
+    `raw`, and the offset just past it."""
+    if _LAST_RESPONSE:
+        last = _LAST_RESPONSE[0]
+        end = start + len(last.raw)
+        if raw[start:end] == last.raw:
+            return last, end
+    while raw[start] == 13 or raw[start] == 10:  # empty lines before it (llhttp skips them)
+        start += 1
+    end = raw.find(b"\r\n\r\n", start) + 4
+    head = ResponseHead(raw[start:end], status)
+    if _LAST_RESPONSE:
+        _LAST_RESPONSE[0] = head
+    else:
+        _LAST_RESPONSE.append(head)
+    return head, end
+
+
 class SeenResponseLine:
     """A response header line as last seen at one position of a response head,
-    and what it becomes: the lower-case name when the proxy reads or drops it
-    (CHECKED_RESPONSE_HEADERS), else "" and the line to pass on."""
+    and what it becomes: the lower-case name and the value when the proxy reads
+    or drops it (CHECKED_RESPONSE_HEADERS), else "" and the line to pass on."""
 
-    __slots__ = ("key", "line", "raw_name", "raw_value")
+    __slots__ = ("key", "line", "raw", "value")
 
     def __init__(self) -> None:
-        self.raw_name = self.raw_value = self.line = b""
+        self.raw = self.line = self.value = b""
         self.key = ""
 
 
@@ -478,20 +540,21 @@ class SeenResponseLine:
 _SEEN_RESPONSE: Final[list[SeenResponseLine]] = []
 
 
-def seen_response_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenResponseLine:
-    """What is known of the header line at `index` of a response head."""
+def seen_response_line(index: int, raw: bytes) -> SeenResponseLine:
+    """What is known of the header line `raw` at `index` of a response head."""
     if index < len(_SEEN_RESPONSE):
         seen = _SEEN_RESPONSE[index]
-        if seen.raw_value == raw_value and seen.raw_name == raw_name:
+        if seen.raw == raw:
             return seen
     else:
         seen = SeenResponseLine()
         if index < MAX_SEEN_LINES:
             _SEEN_RESPONSE.append(seen)
-    seen.raw_name = raw_name
-    seen.raw_value = raw_value
+    seen.raw = raw
+    raw_name, raw_value = header_field(raw)
     checked = _may_be_checked(raw_name) and header_name(raw_name).response_checked
     seen.key = header_name(raw_name).key if checked else ""
+    seen.value = raw_value if checked else b""
     seen.line = b"" if checked else b"".join((raw_name, b": ", raw_value, b"\r\n"))
     return seen
 

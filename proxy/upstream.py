@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from .errors import BadUpstreamResponse, ProxyError, UpstreamReset, UpstreamTlsError
+from .http1 import ResponseHead, header_field, response_head
 
 if TYPE_CHECKING:
     # The one receiver of response events, and the endpoint a connection goes
@@ -26,12 +27,25 @@ if TYPE_CHECKING:
     from .endpoints import Endpoint
 
 
+# A response head longer than this is refused with a 502 (nginx's proxy_buffer_size
+# refuses past 4-8 KB; llhttp itself sets no bound).
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+
+
 class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream. Response heads are read from the bytes
+    as received once llhttp has accepted them (http1.response_head): the parser is
+    given no per-header callback, which would cost a call and two objects per
+    header line."""
+
     __slots__ = (
-        "_headers",
+        "_head",
+        "_head_size",
+        "_head_start",
         "_in_body",
         "_informational",
         "_parser",
+        "_reads",
         "_skip_body",
         "endpoint",
         "idle_since",
@@ -47,7 +61,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.sink: Exchange | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
+        # The reads since the current response head began (the first from
+        # _head_start on), their size, and the final head's header lines.
+        self._reads: list[bytes] = []
+        self._head_start = 0
+        self._head_size = 0
+        self._head: ResponseHead | None = None
         self._informational = False
         self._skip_body = False
         self._in_body = False  # between a response's head and its end
@@ -66,7 +85,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.received = False
         self._skip_body = skip_body
-        self._headers = []  # here rather than in on_message_begin: one callback less
+        self._reads = []  # here rather than in on_message_begin: one callback less
+        self._head_start = self._head_size = 0
         assert self.transport is not None
         self.transport.write(head)
 
@@ -111,8 +131,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         sink = self.sink
+        if not self._in_body:  # a response head begins or goes on in this read
+            self._reads.append(data)
+            self._head_size += len(data)
         try:
             self._parser.feed_data(data)
+            if self._reads and self._head_size - self._head_start > MAX_RESPONSE_HEAD:
+                self._fail(BadUpstreamResponse("response head from upstream too large"))
+                return  # (a head still incomplete)
             sink.flush()
         except httptools.HttpParserError as exc:
             self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
@@ -142,7 +168,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _close_delimited(self) -> bool:
         """A response with neither Content-Length nor Transfer-Encoding."""
         framing = (b"content-length", b"transfer-encoding")
-        return not any(name.lower() in framing for name, _ in self._headers)
+        lines = self._head.header_lines() if self._head is not None else []
+        return not any(header_field(line)[0].lower() in framing for line in lines)
 
     def pause_writing(self) -> None:
         if self.sink is not None:
@@ -160,25 +187,28 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_failed(error)
 
     # -- httptools callbacks ---------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         sink = self.sink
         if sink is None:
             return
+        reads = self._reads
+        raw = reads[0] if len(reads) == 1 else b"".join(reads)
         status = self._parser.get_status_code()
+        head, end = response_head(raw, self._head_start, status)
         if 100 <= status < 200 and status != 101:
             self._informational = True
-            sink.response_informational(status, self._headers)
-            self._headers = []  # the final response's follow
+            self._reads = [raw]  # the final response's head follows from `end`
+            self._head_start = end
+            sink.response_informational(status)
             return
+        self._reads = []
+        self._head = head
         if status == 101 and not sink.plan.upgrade:
             self._fail(BadUpstreamResponse("upstream switched protocols unasked"))
             return
         self.upgraded = status == 101
         self._in_body = True
-        sink.response_head(status, self._headers, not self._parser.should_keep_alive())
+        sink.response_head(status, head, not self._parser.should_keep_alive())
         if self._skip_body and self.sink is sink:
             # llhttp cannot be told that this answers a HEAD: end the message
             # here and start the next one with a fresh parser.

@@ -86,6 +86,9 @@ class Recorder:
 
     def __init__(self) -> None:
         self.received = bytearray()
+        # What each request is answered with, written in these pieces, a pause
+        # between them (so that the proxy reads them apart).
+        self.answer = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
         self.port = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.planes: list[DataPlane] = []  # whose upstream connections end with the test
@@ -113,8 +116,11 @@ class Recorder:
             elif b"content-length: " in head:
                 length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
                 self.received += await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
+            for index, piece in enumerate(self.answer):
+                if index:
+                    await asyncio.sleep(0.002)
+                writer.write(piece)
+                await writer.drain()
 
 
 def run(scenario: Callable[[Recorder], Awaitable[None]]) -> None:
@@ -271,6 +277,52 @@ def test_a_chunked_body_under_a_limit_is_held_whole_then_sent() -> None:
 
 
 # --------------------------------------------------------------------------- the state machine
+
+
+# A response as an upstream may send it: an informational response first,
+# an empty line before its status line (llhttp skips it), lines the proxy
+# drops or replaces, and a separator without a space.
+RESPONSE = (
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    b"\r\nHTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive\r\nX-Request-Id: theirs\r\n"
+    b'ETag:\t"1" \r\nContent-Length: 5\r\n\r\nhello'
+)
+
+
+def test_every_split_of_a_response_reaches_the_client_the_same() -> None:
+    async def scenario(recorder: Recorder) -> None:
+        plane = plane_for(recorder)
+        conn, transport = connect(plane)
+        for reads in cuts(RESPONSE):
+            recorder.answer = reads
+            transport.written.clear()
+            conn.data_received(b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Request-Id: mine\r\n\r\n")
+            [response] = await answered(transport)
+            assert response.status == 200 and response.body == b"hello", reads
+            head = bytes(transport.written).split(b"\r\n\r\n")[0]
+            assert head.split(b"\r\n")[1:4] == [b"Server: up", b'ETag: "1" ', b"x-request-id: mine"]
+            assert b"keep-alive" not in head and b"theirs" not in head
+
+    run(scenario)
+
+
+def test_a_response_head_past_the_bound_is_a_502() -> None:
+    async def scenario(recorder: Recorder) -> None:
+        plane = plane_for(recorder)
+        line = b"X-Big: " + b"a" * 1000 + b"\r\n"
+        recorder.answer = [b"HTTP/1.1 200 OK\r\n"] + [line * 8] * 9 + [b"\r\n"]
+        conn, transport = connect(plane)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        [response] = await answered(transport)
+        assert response.status == 502 and b"too large" in response.body
+        # Just under it, the same head in one read passes.
+        recorder.answer = [b"HTTP/1.1 200 OK\r\n" + line * 60 + b"Content-Length: 0\r\n\r\n"]
+        conn, transport = connect(plane)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        [response] = await answered(transport)
+        assert response.status == 200 and bytes(transport.written).count(line) == 60
+
+    run(scenario)
 
 
 def test_every_state_is_reachable_and_every_path_ends_done() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import httptools
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from proxy import errors, http1
@@ -19,6 +22,8 @@ from proxy.http1 import (
     forwarded_for_lines,
     forwarded_host_line,
     framed_response_head,
+    head_lines,
+    header_field,
     open_chunk_size,
     origin_form,
     request_line_end,
@@ -191,11 +196,11 @@ def test_response_lines_keep_end_to_end_headers_only() -> None:
     lines, length, upgrade = response_lines(
         200,
         [
-            (b"Content-Length", b"12"),
-            (b"Connection", b"keep-alive, X-Hop"),
-            (b"X-Hop", b"1"),
-            (b"Transfer-Encoding", b"chunked"),
-            (b"Set-Cookie", b"a=1"),
+            b"Content-Length: 12",
+            b"Connection:keep-alive, X-Hop",
+            b"X-Hop: 1",
+            b"Transfer-Encoding: chunked",
+            b"Set-Cookie: a=1",
         ],
     )
     assert b"".join(lines) == b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\n"
@@ -211,7 +216,7 @@ def test_every_connection_header_names_what_is_dropped_each_time() -> None:
         (b"X-C", b"3"),
     ]
     for _ in range(2):  # the second time, the Connection values are known ones
-        lines, _, _ = response_lines(200, headers)
+        lines, _, _ = response_lines(200, as_lines(headers))
         assert b"".join(lines) == b"HTTP/1.1 200 OK\r\nX-C: 3\r\n"
         request = head((b"Host", b"x"), *headers)
         assert [name for name, _ in request.forwarded] == [b"Host", b"X-C"]
@@ -245,12 +250,12 @@ def test_connection_options_never_drop_protected_headers(name: bytes) -> None:
     assert request.host == "x"
     assert [n.lower() for n, _ in request.forwarded] == [b"host", b"x-other"]
     # (A response's X-Request-Id is replaced by the request's: see test_access_log.py.)
-    response, _, _ = response_lines(200, [(b"Connection", name), (b"X-Forwarded-For", b"r")])
+    response, _, _ = response_lines(200, [b"Connection: " + name, b"X-Forwarded-For: r"])
     assert b"X-Forwarded-For: r\r\n" in b"".join(response)
 
 
 def test_a_response_loses_its_own_x_request_id() -> None:
-    response, _, _ = response_lines(200, [(b"X-Request-Id", b"theirs"), (b"X-Other", b"1")])
+    response, _, _ = response_lines(200, [b"X-Request-Id: theirs", b"X-Other: 1"])
     assert b"".join(response) == b"HTTP/1.1 200 OK\r\nX-Other: 1\r\n"
 
 
@@ -507,10 +512,15 @@ def test_a_line_like_the_one_last_seen_at_its_place_is_not_read_again() -> None:
     assert http1._SEEN_REQUEST[1].raw_name == b"X-A"
 
 
+def as_lines(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """Header lines as received, from (name, value) pairs."""
+    return [name + b": " + value for name, value in headers]
+
+
 def response_alone(lines: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:
     """What response_lines makes of `lines` with nothing seen before, joined."""
     http1._SEEN_RESPONSE.clear()
-    parts, length, upgrade = response_lines(200, lines)
+    parts, length, upgrade = response_lines(200, as_lines(lines))
     return b"".join(parts), length, upgrade
 
 
@@ -529,18 +539,18 @@ def test_a_response_head_reads_the_same_whatever_heads_came_before(
 ) -> None:
     alone = response_alone(lines)
     response_alone(earlier)  # leaves its lines seen
-    parts, length, upgrade = response_lines(200, lines)
+    parts, length, upgrade = response_lines(200, as_lines(lines))
     assert (b"".join(parts), length, upgrade) == alone
 
 
 def test_a_response_line_unlike_the_one_last_seen_at_its_place_is_built_afresh() -> None:
     def joined(*lines: tuple[bytes, bytes]) -> bytes:
-        return b"".join(response_lines(200, list(lines))[0])
+        return b"".join(response_lines(200, as_lines(lines))[0])
 
     assert joined((b"Date", b"1"), (b"X-A", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 1\r\nX-A: a\r\n"
     assert joined((b"Date", b"2"), (b"X-A", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 2\r\nX-A: a\r\n"
     assert joined((b"Date", b"2"), (b"X-B", b"a")) == b"HTTP/1.1 200 OK\r\nDate: 2\r\nX-B: a\r\n"
-    _, length, _ = response_lines(200, [(b"Date", b"2"), (b"Content-Length", b"a")])
+    _, length, _ = response_lines(200, [b"Date: 2", b"Content-Length: a"])
     assert length == b"a" and http1._SEEN_RESPONSE[1].line == b""
     assert joined((b"Date", b"2"), (b"Content-Type", b"a")) == (
         b"HTTP/1.1 200 OK\r\nDate: 2\r\nContent-Type: a\r\n"
@@ -552,6 +562,65 @@ def test_only_the_first_positions_are_remembered() -> None:
     for _ in range(2):
         request = RequestHead(many, False)
         assert request.headers["x-100"] == "100" and len(request.headers) == len(many)
-        parts, _, _ = response_lines(200, many[1:])
+        parts, _, _ = response_lines(200, as_lines(many[1:]))
         assert b"".join(parts).endswith(b"X-127: 127\r\n") and len(parts) == len(many)
     assert len(http1._SEEN_REQUEST) == len(http1._SEEN_RESPONSE) == http1.MAX_SEEN_LINES
+
+
+class HeadRecorder:
+    """httptools' own account of a head: the (name, value) pairs of its callbacks."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.heads = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.heads += 1
+
+
+def mostly(valid: st.SearchStrategy[bytes], invalid: list[bytes]) -> st.SearchStrategy[bytes]:
+    """`valid`, and one time in ten one of `invalid`."""
+    return st.integers(0, 9).flatmap(lambda n: st.sampled_from(invalid) if n == 0 else valid)
+
+
+# Mostly what llhttp accepts, with now and then what it must refuse.
+TOKEN = st.text("abcxyzABCXYZ019!#$%&'*+-.^_`|~", min_size=1, max_size=8).map(str.encode)
+NAMES = mostly(TOKEN, [b"A B", b"", b"X:Y", b"\xe9", b"a\tb", b" X"])
+SEPARATORS = mostly(st.sampled_from([b":", b": ", b":\t ", b":  \t"]), [b" :", b"\t:"])
+VALUE_BYTES = bytes(range(0x20, 0x7F)) + b"\t\x80\xe9\xff"
+VALUES = mostly(
+    st.binary(max_size=12).map(lambda v: bytes(VALUE_BYTES[b % len(VALUE_BYTES)] for b in v)),
+    [b"a\x00", b"a\x7f", b"\x01"],
+)
+LINE_BREAKS = mostly(st.just(b"\r\n"), [b"\n", b"\r", b"\r\n ", b"\r\n\t", b"\r\r\n"])
+RAW_HEADER_LINES = st.lists(st.tuples(NAMES, SEPARATORS, VALUES, LINE_BREAKS), max_size=6)
+
+
+@pytest.mark.parametrize("start_line", [b"GET / HTTP/1.1", b"HTTP/1.1 200 OK"])
+@settings(max_examples=400)
+@given(leading=st.sampled_from([b"", b"\r\n", b"\r\n\r\n"]), lines=RAW_HEADER_LINES)
+def test_a_head_llhttp_accepts_reads_as_its_callbacks_give_it(
+    start_line: bytes, leading: bytes, lines: list[tuple[bytes, bytes, bytes, bytes]]
+) -> None:
+    """head_lines and header_field, on the bytes of any head llhttp accepts,
+    give the very names and values its callbacks give (the data path reads
+    heads so, without a callback per line), and the head's end."""
+    raw = leading + start_line + b"\r\n" + b"".join(b"".join(line) for line in lines) + b"\r\n"
+    recorder = HeadRecorder()
+    parser = (
+        httptools.HttpRequestParser
+        if start_line.startswith(b"GET")
+        else httptools.HttpResponseParser
+    )(recorder)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserError:
+        return  # refused: never read from the bytes
+    event("accepted")
+    assert recorder.heads == 1
+    read, end = head_lines(b"before" + raw + b"after", len(b"before"))
+    assert read[0] == start_line and end == len(b"before" + raw)
+    assert [header_field(line) for line in read[1:]] == recorder.fields
