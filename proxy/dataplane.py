@@ -32,11 +32,17 @@ from .http1 import (
     MAX_CHUNK_LINE,
     MAX_CHUNK_SIZE,
     ResponseHead,
+    SeenRequestLine,
     error_response,
     forwarded_for_lines,
     framed_response_head,
+    learn_runs,
     open_chunk_size,
     request_line_end,
+    run_lines,
+    seen_headers,
+    seen_lines,
+    verbatim_head,
 )
 from .metrics import Metrics
 from .mirror import Mirrors, Shadow
@@ -154,17 +160,23 @@ class ClientConnection(asyncio.Protocol):
     """One client socket: parses requests, runs their exchanges in order."""
 
     __slots__ = (
+        "_alone_parser",
+        "_alone_read",
+        "_between",
         "_chunk_bytes",
         "_chunk_unchecked",
         "_chunked_body",
         "_earlier",
+        "_full_parser",
         "_head_bytes",
         "_headers",
         "_in_head",
         "_line_end",
         "_message_read",
+        "_not_alone",
         "_pending_error",
         "_read_hint",
+        "_replaying",
         "_url",
         "client_ip",
         "current",
@@ -183,7 +195,16 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # Two parsers, llhttp both. A head that arrives alone in a read, at a
+        # message's start (nearly every GET), goes to one without a callback per
+        # header line, and its lines are read from the bytes (http1.seen_lines);
+        # anything else to the other. `parser` is the one reading the current head.
+        self._full_parser = self.parser = httptools.HttpRequestParser(self)
+        self._alone_parser: httptools.HttpRequestParser | None = None  # made on first use
+        self._alone_read = b""  # the read _alone_parser is given
+        self._not_alone = False  # _alone_parser was given more than one head
+        self._between = True  # _full_parser is between two messages
+        self._replaying = False  # _full_parser is given a head already read
         self.client_ip = ""
         self.forwarded_for = b""  # X-Forwarded-For and -Proto lines, see http1.forwarded_for_lines
         self.current: Exchange | None = None
@@ -252,6 +273,9 @@ class ClientConnection(asyncio.Protocol):
             current.start()
 
     def _parse(self, data: bytes) -> None:
+        if self._between and data[-4:] == b"\r\n\r\n" and self._parse_alone(data):
+            return
+        self.parser = self._full_parser
         while True:
             try:
                 self.parser.feed_data(data)
@@ -275,6 +299,45 @@ class ClientConnection(asyncio.Protocol):
                 elif self._chunked_body:
                     self._check_chunk_size(data)
             return
+
+    def _parse_alone(self, data: bytes) -> bool:
+        """Parse a read that may hold one request head and nothing else (it
+        ends with an empty line); False, with nothing done, if it holds more."""
+        parser = self._alone_parser
+        if parser is None:
+            parser = self._alone_parser = httptools.HttpRequestParser(HeadAlone(self))
+        self.parser = parser
+        self._alone_read = data
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The head was all of the read: nothing follows it, for a tunnel or not.
+            exchange = self._parsing()
+            if exchange is not None and exchange.plan.upgrade:
+                self._pause()
+            self._alone_parser = None  # not to be trusted after an upgrade
+        except httptools.HttpParserError as exc:
+            if self._not_alone:  # undo what its request line did: the other parser reads it all
+                self._not_alone = self._in_head = False
+                self._between = True
+                self._read_hint, self._message_read = self._message_read, b""
+                self._alone_parser = None
+                return False
+            self.refuse(self._parse_error(exc))
+        else:
+            if not self._between and not self.refused:
+                # The head announces a body: the other parser reads it, once it
+                # has read the head too (its callbacks ignore it, see _replaying).
+                self._alone_parser = None
+                self._replaying = True
+                try:
+                    self._full_parser.feed_data(data)
+                finally:
+                    self._replaying = False
+                self.parser = self._full_parser
+        finally:
+            self._alone_read = b""
+        return True
 
     def _check_chunk_size(self, data: bytes) -> None:
         """A chunk whose data runs past this read declared its size here: no
@@ -316,9 +379,13 @@ class ClientConnection(asyncio.Protocol):
             self.current.client_write_paused(False)
 
     # -- httptools callbacks ---------------------------------------------
-    # No on_message_begin: every request line has a URL, so its first piece
-    # begins the message (one callback less per request).
+    def on_message_begin(self) -> None:
+        self._between = False  # (only _full_parser calls it: see HeadAlone)
+
     def on_url(self, url: bytes) -> None:
+        self._between = False
+        if self._replaying:
+            return
         if self._in_head:
             self._url += url  # the rest of a URL split across reads
             return
@@ -330,6 +397,8 @@ class ClientConnection(asyncio.Protocol):
         self._message_read, self._read_hint = self._read_hint, b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._replaying:
+            return
         if self._in_head:
             self._headers.append((name, value))
             return
@@ -340,23 +409,39 @@ class ClientConnection(asyncio.Protocol):
             raise self._pending_error
 
     def on_headers_complete(self) -> None:
-        if self.refused:
+        if self.refused or self._replaying:
             return
+        parser = self.parser
+        method = parser.get_method()
+        read = self._alone_read
+        lines: list[SeenRequestLine] | None = None
+        if read:
+            self._line_end = request_line_end(read, method, self._url)
+            lines = run_lines(read, self._line_end)
+            if lines is None:
+                if read.find(b"\r\n\r\n") != len(read) - 4:  # more than this head
+                    self._not_alone = True
+                    raise NotAlone
+                lines = seen_lines(read, self._line_end)
+                learn_runs(lines)
         self._in_head = False
         limit = self.plane.limits.max_header_bytes
-        if self._head_bytes > limit and self._head_size() > limit:
+        if self._head_bytes > limit and self._head_size(lines) > limit:
             self._pending_error = errors.HeadersTooLarge("request header block too large")
             raise self._pending_error
         self._head_bytes = 0
         self.expires = 0.0
-        parser = self.parser
-        method = parser.get_method()
-        read = self._message_read
-        self._line_end = request_line_end(read, method, self._url)
+        if lines is not None:
+            verbatim = read[:-2] if self._line_end else b""  # all of it but the empty line
+        else:
+            read = self._message_read
+            self._line_end = request_line_end(read, method, self._url)
+            verbatim = verbatim_head(read, self._line_end)
+            lines = seen_headers(self._headers)
         plan = plan_request(
             method,
             self._url,
-            self._headers,
+            lines,
             self.request_version(),
             parser.should_keep_alive(),
             parser,
@@ -364,8 +449,7 @@ class ClientConnection(asyncio.Protocol):
             self.plane.limits,
             self.forwarded_for,
             self.client_ip,
-            read,
-            self._line_end,
+            verbatim,
         )
         self._message_read = b""  # not kept longer
         self._chunked_body = plan.chunked
@@ -385,8 +469,9 @@ class ClientConnection(asyncio.Protocol):
             return "1.1"
         return str(self.parser.get_http_version())
 
-    def _head_size(self) -> int:
-        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers)
+    def _head_size(self, lines: list[SeenRequestLine] | None) -> int:
+        headers = self._headers if lines is None else [line.header for line in lines]
+        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in headers)
 
     def on_chunk_header(self) -> None:
         self._chunk_unchecked = True
@@ -402,6 +487,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
         self._head_bytes = 0  # what trailers counted
         self._chunked_body = False
         self._earlier = b""
@@ -516,6 +602,31 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
         if self.current is not None:
             self.current.check_timeout(now)
+
+
+class NotAlone(Exception):
+    """Raised to stop the parser of heads alone in a read: this one is not."""
+
+
+class HeadAlone:
+    """What the parser of heads that arrive alone in a read calls back: no
+    per-header callback, which httptools then does not make (the lines are read
+    from the bytes), and no body callbacks (a head that announces a body is
+    read again by the connection's other parser, which reads the body)."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def on_url(self, url: bytes) -> None:
+        self.client.on_url(url)
+
+    def on_headers_complete(self) -> None:
+        self.client.on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.client.on_message_complete()
 
 
 # An exchange's states. It passes through them in this order, skipping some;

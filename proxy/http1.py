@@ -123,15 +123,17 @@ Header = tuple[bytes, bytes]
 
 class SeenRequestLine:
     """A header line as last seen at one position of a request head, and what
-    was worked out for it: its HeaderName and its value as text."""
+    was worked out for it: its (name, value) as received, its HeaderName, its
+    value as text, and the line itself when it was read from the bytes (else
+    b""). Never changed once made: a head holds on to those of its lines."""
 
-    __slots__ = ("name", "raw_name", "raw_value", "text")
+    __slots__ = ("header", "line", "name", "text")
 
-    def __init__(self, raw_name: bytes, name: HeaderName, raw_value: bytes, text: str) -> None:
-        self.raw_name = raw_name
+    def __init__(self, header: Header, name: HeaderName, line: bytes) -> None:
+        self.header = header
         self.name = name
-        self.raw_value = raw_value
-        self.text = text
+        self.text = header[1].decode("latin-1")
+        self.line = line
 
 
 # Clients send the same names in the same order on every request, and mostly
@@ -140,34 +142,178 @@ class SeenRequestLine:
 # one costs a hash and a lookup for its name and a decoding for its value.
 # Only the first MAX_SEEN_LINES positions are remembered: a head of many
 # lines leaves no more behind. Heads are read by the event loop's thread only.
+# The lines read from the bytes (seen_lines) and those given as (name, value)
+# pairs (seen_headers) are remembered apart.
 _SEEN_REQUEST: Final[list[SeenRequestLine]] = []
+_SEEN_REQUEST_LINES: Final[list[SeenRequestLine]] = []
 MAX_SEEN_LINES: Final = 64
 
 
 def seen_request_line(index: int, raw_name: bytes, raw_value: bytes) -> SeenRequestLine:
-    """What is known of the header line at `index` of a request head."""
+    """What is known of the header line (`raw_name`, `raw_value`) at `index` of a request head."""
+    name: HeaderName | None = None
     if index < len(_SEEN_REQUEST):
         seen = _SEEN_REQUEST[index]
-        if seen.raw_name != raw_name:
-            seen.raw_name = raw_name
-            seen.name = header_name(raw_name)
-        if seen.raw_value != raw_value:
-            seen.raw_value = raw_value
-            seen.text = raw_value.decode("latin-1")
-        return seen
-    seen = SeenRequestLine(raw_name, header_name(raw_name), raw_value, raw_value.decode("latin-1"))
-    if index < MAX_SEEN_LINES:
-        _SEEN_REQUEST.append(seen)
+        header = seen.header
+        if header[0] == raw_name:
+            if header[1] == raw_value:
+                return seen
+            name = seen.name
+    if name is None:
+        name = header_name(raw_name)
+    seen = SeenRequestLine((raw_name, raw_value), name, b"")
+    _remember(_SEEN_REQUEST, index, seen)
     return seen
+
+
+def seen_request_raw_line(index: int, line: bytes) -> SeenRequestLine:
+    """What is known of the header line `line`, as received, at `index` of a request head."""
+    if index < len(_SEEN_REQUEST_LINES):
+        seen = _SEEN_REQUEST_LINES[index]
+        if seen.line == line:
+            return seen
+        raw_name = seen.header[0]
+        size = len(raw_name)
+        if len(line) > size and line[size] == 58 and line[:size] == raw_name:  # 58: ":"
+            # The same name with another value (a user's id, a request's):
+            # neither its name nor its HeaderName is worked out again.
+            value = line[value_start(line, size + 1) :]
+            seen = SeenRequestLine((raw_name, value), seen.name, line)
+            _SEEN_REQUEST_LINES[index] = seen
+            return seen
+    header = header_field(line)
+    seen = SeenRequestLine(header, header_name(header[0]), line)
+    _remember(_SEEN_REQUEST_LINES, index, seen)
+    return seen
+
+
+def _remember(seen_lines: list[SeenRequestLine], index: int, seen: SeenRequestLine) -> None:
+    if index < len(seen_lines):
+        seen_lines[index] = seen
+    elif index < MAX_SEEN_LINES:
+        seen_lines.append(seen)
+
+
+def seen_headers(raw_headers: list[Header]) -> list[SeenRequestLine]:
+    """A head's header lines given as (name, value) pairs, as llhttp's callbacks give them."""
+    return [
+        seen_request_line(index, name, value) for index, (name, value) in enumerate(raw_headers)
+    ]
+
+
+def seen_lines(head: bytes, line_end: int) -> list[SeenRequestLine]:
+    """The header lines of a request head that llhttp accepted, read from its
+    bytes: `head` holds it whole, from its first byte (empty lines before the
+    request line aside) to its last, and `line_end` says where its request line
+    ends if known (request_line_end), else 0. See head_lines."""
+    if not line_end:
+        while head[line_end] == 13 or head[line_end] == 10:  # CR, LF: empty lines llhttp skips
+            line_end += 1
+        line_end = head.find(b"\r\n", line_end)
+    start = line_end + 2  # where the first header line begins
+    end = len(head) - 4  # where the last one's CRLF begins
+    if start >= end:
+        return []
+    lines = head[start:end].split(b"\r\n")
+    return [seen_request_raw_line(index, line) for index, line in enumerate(lines)]
+
+
+class LineRun:
+    """Request header lines at consecutive positions: those that were the same
+    in every head learnt from (`raw` the lines joined, each with its CRLF;
+    `seen` what they are), or one line that changed between two (raw b"")."""
+
+    __slots__ = ("raw", "seen")
+
+    def __init__(self, raw: bytes, seen: list[SeenRequestLine]) -> None:
+        self.raw = raw
+        self.seen = seen
+
+
+# The heads of one kind of client differ in a line or two (a user's id, a
+# request's): the lines between are compared with one slice each, the others
+# looked for. Learnt only from heads llhttp accepted (see learn_runs).
+_RUNS: Final[list[LineRun]] = []
+_LEARNT: Final[list[SeenRequestLine]] = []  # the lines of the head last learnt from
+_CHANGING: Final[set[int]] = set()  # the positions whose lines have changed
+
+
+def run_lines(head: bytes, line_end: int) -> list[SeenRequestLine] | None:
+    """The header lines of `head`, a request head that llhttp accepted, that
+    ends `head` and begins it (no empty line before its request line, which
+    ends at `line_end`, see request_line_end, or 0 if not known), when they are
+    the runs' lines in their places and any line in the places that change;
+    else None. In an accepted head every CRLF ends a line and no line is
+    empty: that a changing line ends where its CRLF is found is enough."""
+    if not _RUNS or head[0] == 13 or head[0] == 10:  # empty lines first: not this way
+        return None
+    if not line_end:
+        line_end = head.find(b"\r\n")
+    start = line_end + 2
+    end = len(head) - 2  # the empty line
+    lines: list[SeenRequestLine] = []
+    for run in _RUNS:
+        raw = run.raw
+        if raw:
+            stop = start + len(raw)
+            if head[start:stop] != raw:
+                return None
+            lines.extend(run.seen)
+            start = stop
+            continue
+        index = len(lines)
+        # As long as the line last seen here (a user's id, a request's: often),
+        # and holding no CR: then its CRLF is the one after it.
+        stop = start
+        if index < len(_SEEN_REQUEST_LINES):
+            stop += len(_SEEN_REQUEST_LINES[index].line)
+        line = head[start:stop]
+        if head[stop : stop + 2] != b"\r\n" or 13 in line:  # (an int: a bytes needle costs more)
+            stop = head.find(b"\r\n", start)
+            line = head[start:stop]
+        if stop <= start or stop >= end:  # the empty line, or none: fewer lines than the runs
+            return None
+        lines.append(seen_request_raw_line(index, line))
+        start = stop + 2
+    return lines if start == end else None
+
+
+def learn_runs(lines: list[SeenRequestLine]) -> None:
+    """Learn the runs from the lines of a head llhttp accepted (read by
+    seen_lines): a position whose line differs from the last head's changes
+    from then on."""
+    if len(lines) > MAX_SEEN_LINES:
+        return
+    for index in range(min(len(lines), len(_LEARNT))):
+        if lines[index] is not _LEARNT[index]:  # seen_request_raw_line made it anew
+            _CHANGING.add(index)
+    _LEARNT[:] = lines
+    _RUNS.clear()
+    same: list[SeenRequestLine] = []
+    for index, line in enumerate(lines):
+        if index in _CHANGING:
+            if same:
+                _RUNS.append(_joined_run(same))
+                same = []
+            _RUNS.append(LineRun(b"", []))
+        else:
+            same.append(line)
+    if same:
+        _RUNS.append(_joined_run(same))
+
+
+def _joined_run(seen: list[SeenRequestLine]) -> LineRun:
+    return LineRun(b"".join([line.line + b"\r\n" for line in seen]), seen)
 
 
 class RequestHead:
     """A checked request head: what routing reads and what is forwarded."""
 
     __slots__ = (
+        "_forwarded",
+        "_lines",
         "chunked",
         "content_length",
-        "forwarded",
         "headers",
         "host",
         "unchanged",
@@ -175,7 +321,7 @@ class RequestHead:
     )
 
     def __init__(
-        self, raw_headers: list[Header], http10: bool, underscores: str = UNDERSCORES_DROP
+        self, lines: list[SeenRequestLine], http10: bool, underscores: str = UNDERSCORES_DROP
     ) -> None:
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
         self.chunked = False
@@ -184,17 +330,16 @@ class RequestHead:
         dropped = NOTHING  # what Connection names beyond HOP_BY_HOP
         forwarded: list[Header] | None = None  # None while every line so far is passed on
         headers = self.headers
-        for index, header in enumerate(raw_headers):
-            raw_value = header[1]
-            line = seen_request_line(index, header[0], raw_value)
+        for index, line in enumerate(lines):
             name = line.name
             text = line.text
             key = name.key
             if name.request_checked:
+                raw_value = line.header[1]
                 if name.underscore:
                     if underscores == UNDERSCORES_DROP:
                         if forwarded is None:
-                            forwarded = raw_headers[:index]
+                            forwarded = [kept.header for kept in lines[:index]]
                         continue  # neither routed on nor passed on
                     if underscores == UNDERSCORES_REJECT:
                         raise errors.BadRequest(f"header name with an underscore: {key}")
@@ -212,14 +357,14 @@ class RequestHead:
                 headers[key] = text
             if not name.forwarded:
                 if forwarded is None:
-                    forwarded = raw_headers[:index]
+                    forwarded = [kept.header for kept in lines[:index]]
             elif forwarded is not None:
-                forwarded.append(header)
-        # The header lines to pass on, as received; all of them, unchanged, is the common case.
-        self.forwarded = raw_headers if forwarded is None else forwarded
+                forwarded.append(line.header)
+        self._lines = lines
+        self._forwarded = forwarded
         self.unchanged = forwarded is None and not dropped
         if dropped:
-            self.forwarded = without_listed(self.forwarded, dropped)
+            self._forwarded = without_listed(self.forwarded, dropped)
         if host is None and not http10:
             raise errors.BadRequest("missing Host header")
         self.host = host or ""
@@ -227,6 +372,26 @@ class RequestHead:
         if length is not None and length[0] == "0" and len(length) > 1:
             length = str(int(length))  # leading zeros: some parsers count digits
         self.content_length = length
+
+    @property
+    def forwarded(self) -> list[Header]:
+        """The header lines to pass on, as received (all of them, unchanged, is
+        the common case, and then this list is made only when asked for)."""
+        if self._forwarded is None:
+            return [line.header for line in self._lines]
+        return self._forwarded
+
+    def drop(self, key: str) -> None:
+        """Pass on no line named `key` (lower-case)."""
+        self._forwarded = [h for h in self.forwarded if header_name(h[0]).key != key]
+        self.unchanged = False
+
+
+def request_head(
+    raw_headers: list[Header], http10: bool, underscores: str = UNDERSCORES_DROP
+) -> RequestHead:
+    """The checked head whose header lines are these (name, value) pairs."""
+    return RequestHead(seen_headers(raw_headers), http10, underscores)
 
 
 # Hosts already found valid, with the X-Forwarded-Host line each is sent
@@ -452,8 +617,16 @@ def header_field(line: bytes) -> Header:
     """(name, value) of a header line llhttp accepted, as its callbacks give
     them: the value without the spaces and tabs after the colon, with any at
     its end."""
-    name, _, value = line.partition(b":")
-    return name, value.lstrip(b" \t")
+    colon = line.find(b":")
+    return line[:colon], line[value_start(line, colon + 1) :]
+
+
+def value_start(line: bytes, start: int) -> int:
+    """Where the value of a header line begins, its colon ending at `start`."""
+    end = len(line)
+    while start < end and (line[start] == 32 or line[start] == 9):  # SP, HT
+        start += 1
+    return start
 
 
 def response_lines(status: int, lines: list[bytes]) -> tuple[list[bytes], bytes | None, bytes]:

@@ -19,11 +19,11 @@ from .endpoints import Balancer, Upstreams
 from .errors import ProxyError
 from .http1 import (
     RequestHead,
-    header_name,
+    SeenRequestLine,
     origin_form,
+    request_head,
     tunnelled_upgrade,
     upstream_head,
-    verbatim_head,
 )
 from .metrics import Metrics, VersionStats
 from .mirror import Mirroring, Mirrors
@@ -209,7 +209,7 @@ def refusal(error: ProxyError) -> Plan:
 def plan_request(
     method: bytes,
     url: bytes,
-    raw_headers: list[tuple[bytes, bytes]],
+    lines: list[SeenRequestLine],
     version: str,
     keep_alive: bool,
     upgrade: UpgradeFlag,
@@ -217,20 +217,20 @@ def plan_request(
     limits: PathLimits,
     forwarded_for: bytes,
     client_ip: str,
-    message_read: bytes,
-    line_end: int,
+    verbatim: bytes,
 ) -> Plan:
-    """The plan for a request head as the parser gave it: `version` and
+    """The plan for a request head as the parser gave it, its header `lines`
+    read by http1.seen_headers or seen_lines: `version` and
     `keep_alive` as it read them, and `upgrade` says whether the head asks for
     an upgrade (Connection: upgrade and an Upgrade header; asked only when there
     is an Upgrade header: it costs a call into the parser); `forwarded_for` is
-    http1.forwarded_for_lines(client_ip); `message_read` and `line_end` are
-    the read the message began with and where its request line ends in it
-    (see http1.request_line_end; 0 when it cannot be sent on as received)."""
+    http1.forwarded_for_lines(client_ip); `verbatim` is its request line and
+    header lines as received, to be sent on as they are if nothing in them
+    changes (see http1.verbatim_head), or b"" when they cannot be."""
     plan = Plan(method)
     plan.url = url
     try:
-        head = _checked_head(plan, raw_headers, version, keep_alive, upgrade, limits)
+        head = _checked_head(plan, lines, version, keep_alive, upgrade, limits)
         made_id = _request_id(plan, head)
         target = origin_form(url, head.host, method)
         _route(plan, table, head.host, routing_view(method, target, head, client_ip))
@@ -239,9 +239,14 @@ def plan_request(
         if max_body and length is not None and int(length) > max_body:
             raise errors.PayloadTooLarge(f"request body over {max_body} bytes")
         unchanged = head.unchanged and target is url
-        verbatim = verbatim_head(message_read, line_end) if unchanged else b""
         plan.head = upstream_head(
-            method, target, head, forwarded_for, plan.upgrade, verbatim, made_id
+            method,
+            target,
+            head,
+            forwarded_for,
+            plan.upgrade,
+            verbatim if unchanged else b"",
+            made_id,
         )
     except ProxyError as exc:
         plan.error = exc
@@ -259,8 +264,7 @@ def _request_id(plan: Plan, head: RequestHead) -> bytes:
         if plan.request_id:
             return b""
         # Unfit to pass on: the client's lines are replaced by a new one.
-        head.forwarded = [h for h in head.forwarded if header_name(h[0]).key != HEADER_KEY]
-        head.unchanged = False
+        head.drop(HEADER_KEY)
     plan.request_id = IDS.next_line()
     return plan.request_id
 
@@ -289,13 +293,13 @@ def request_view(
     same checks as plan_request (for explain; not the hot path). Its Host is
     not required: without one, routing sees no host header, as it is given.
     ProxyError if the data path would refuse the request."""
-    head = RequestHead(raw_headers, True, underscores)  # True: HTTP/1.0 may omit Host
+    head = request_head(raw_headers, True, underscores)  # True: HTTP/1.0 may omit Host
     return routing_view(method, origin_form(url, head.host, method), head, client_ip)
 
 
 def _checked_head(
     plan: Plan,
-    raw_headers: list[tuple[bytes, bytes]],
+    lines: list[SeenRequestLine],
     version: str,
     keep_alive: bool,
     upgrade: UpgradeFlag,
@@ -309,7 +313,7 @@ def _checked_head(
     plan.close = not keep_alive
     if method == b"CONNECT":
         raise errors.BadRequest("CONNECT is not supported: grayproxy is not a forward proxy")
-    head = RequestHead(raw_headers, plan.http10, limits.headers_with_underscores)
+    head = RequestHead(lines, plan.http10, limits.headers_with_underscores)
     plan.chunked = head.chunked
     plan.want_continue = head.want_continue
     if "upgrade" in head.headers and upgrade.should_upgrade():

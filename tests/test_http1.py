@@ -24,10 +24,14 @@ from proxy.http1 import (
     framed_response_head,
     head_lines,
     header_field,
+    learn_runs,
     open_chunk_size,
     origin_form,
+    request_head,
     request_line_end,
     response_lines,
+    run_lines,
+    seen_lines,
     status_line,
     tunnelled_upgrade,
     upstream_head,
@@ -44,7 +48,7 @@ def no_remembered_names() -> None:
 
 
 def head(*lines: tuple[bytes, bytes], http10: bool = False) -> RequestHead:
-    return RequestHead(list(lines), http10)
+    return request_head(list(lines), http10)
 
 
 def test_request_head_joins_repeats_and_drops_hop_by_hop_and_listed_headers() -> None:
@@ -96,7 +100,7 @@ def test_request_head_joins_repeats_and_drops_hop_by_hop_and_listed_headers() ->
 )
 def test_request_head_refusals(lines: list[tuple[bytes, bytes]], error: type[Exception]) -> None:
     with pytest.raises(error):
-        RequestHead(lines, http10=False)
+        request_head(lines, http10=False)
 
 
 def test_a_plain_head_asks_for_nothing_special() -> None:
@@ -171,7 +175,7 @@ def test_each_refusal_says_why(
 ) -> None:
     """The reason is in the error answer and in `explain`: each refusal names its own."""
     with pytest.raises(error, match=f"^{why}$"):
-        RequestHead(lines, http10=False)
+        request_head(lines, http10=False)
 
 
 def test_upstream_head_is_reframed_with_forwarding_headers() -> None:
@@ -227,7 +231,7 @@ UNDERSCORED = [(b"Host", b"x"), (b"X_Forwarded_Host", b"evil.test"), (b"Accept",
 
 
 def test_header_names_with_underscores_are_dropped_by_default() -> None:
-    for request in (RequestHead(UNDERSCORED, False), RequestHead(UNDERSCORED, False, "drop")):
+    for request in (request_head(UNDERSCORED, False), request_head(UNDERSCORED, False, "drop")):
         assert "x_forwarded_host" not in request.headers
         assert request.forwarded == [(b"Host", b"x"), (b"Accept", b"*/*")]
         assert not request.unchanged
@@ -236,12 +240,12 @@ def test_header_names_with_underscores_are_dropped_by_default() -> None:
 
 def test_header_names_with_underscores_are_refused_or_allowed_when_configured() -> None:
     with pytest.raises(errors.BadRequest, match="underscore"):
-        RequestHead(UNDERSCORED, False, UNDERSCORES_REJECT)
-    allowed = RequestHead(UNDERSCORED, False, UNDERSCORES_ALLOW)
+        request_head(UNDERSCORED, False, UNDERSCORES_REJECT)
+    allowed = request_head(UNDERSCORED, False, UNDERSCORES_ALLOW)
     assert allowed.headers["x_forwarded_host"] == "evil.test"
     assert allowed.forwarded == UNDERSCORED and allowed.unchanged
     # Without an underscore nothing is refused, whatever the setting.
-    assert RequestHead([(b"Host", b"x")], False, UNDERSCORES_REJECT).host == "x"
+    assert request_head([(b"Host", b"x")], False, UNDERSCORES_REJECT).host == "x"
 
 
 @pytest.mark.parametrize("name", sorted(PROTECTED))
@@ -427,7 +431,12 @@ def test_open_chunk_size_at_the_first_byte_and_with_a_line_split_before_its_crlf
 def no_seen_lines() -> None:
     """Nor the header lines last seen at each position (see http1.seen_request_line)."""
     http1._SEEN_REQUEST.clear()
+    http1._SEEN_REQUEST_LINES.clear()
+    http1._RUNS.clear()
+    http1._LEARNT.clear()
+    http1._CHANGING.clear()
     http1._SEEN_RESPONSE.clear()
+    http1._LAST_RESPONSE.clear()
 
 
 def facts(request: RequestHead) -> tuple[object, ...]:
@@ -446,7 +455,7 @@ def read_alone(lines: list[tuple[bytes, bytes]]) -> tuple[object, ...] | str:
     """What RequestHead makes of `lines` with nothing seen before, or its refusal."""
     http1._SEEN_REQUEST.clear()
     try:
-        return facts(RequestHead(lines, False))
+        return facts(request_head(lines, False))
     except errors.ProxyError as exc:
         return repr(exc)
 
@@ -467,7 +476,7 @@ def test_a_head_reads_the_same_whatever_heads_came_before(
     alone = read_alone(lines)
     read_alone(earlier)  # leaves its lines seen
     try:
-        after = facts(RequestHead(lines, False))
+        after = facts(request_head(lines, False))
     except errors.ProxyError as exc:
         assert repr(exc) == alone
     else:
@@ -509,7 +518,7 @@ def test_a_line_like_the_one_last_seen_at_its_place_is_not_read_again() -> None:
     first = head((b"Host", b"x"), (b"X-A", b"a value"))
     again = head((b"Host", b"x"), (b"X-A", b"a value"))
     assert again.headers["x-a"] is first.headers["x-a"]
-    assert http1._SEEN_REQUEST[1].raw_name == b"X-A"
+    assert http1._SEEN_REQUEST[1].header[0] == b"X-A"
 
 
 def as_lines(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
@@ -560,7 +569,7 @@ def test_a_response_line_unlike_the_one_last_seen_at_its_place_is_built_afresh()
 def test_only_the_first_positions_are_remembered() -> None:
     many = [(b"Host", b"x")] + [(b"X-%d" % n, b"%d" % n) for n in range(2 * http1.MAX_SEEN_LINES)]
     for _ in range(2):
-        request = RequestHead(many, False)
+        request = request_head(many, False)
         assert request.headers["x-100"] == "100" and len(request.headers) == len(many)
         parts, _, _ = response_lines(200, as_lines(many[1:]))
         assert b"".join(parts).endswith(b"X-127: 127\r\n") and len(parts) == len(many)
@@ -624,3 +633,62 @@ def test_a_head_llhttp_accepts_reads_as_its_callbacks_give_it(
     read, end = head_lines(b"before" + raw + b"after", len(b"before"))
     assert read[0] == start_line and end == len(b"before" + raw)
     assert [header_field(line) for line in read[1:]] == recorder.fields
+
+
+# Heads of a few kinds of client: the same lines mostly, a user's id and a
+# request id that change (and change length), lines now and then added,
+# dropped or changed, and now and then bytes after the head.
+CLIENT_LINES = [b"Host: x", b"User-Agent: a b", b"Accept: */*", b"Cookie: s=1; t=2", b"X-A:1"]
+HEAD_VARIANTS = st.tuples(
+    st.sampled_from([b"GET / HTTP/1.1", b"GET /b?c HTTP/1.1", b"POST /x HTTP/1.0"]),
+    st.sampled_from([[0, 4, 1, 2], [0, 4], [0, 1, 2, 3, 4], [4, 0]]),  # kinds of client
+    # Ids whose lines differ in length by as much as a CRLF and "X-A:1": a
+    # shorter one then ends where a longer one's CRLF was.
+    st.sampled_from([b"u", b"u1234567", b"u123", b"u1234567890", b"u12"]),
+    st.sampled_from([b"", b"", b"", b"X-Late: 1\r\n", b"x-user-id:\t u\r\n", b"Bad Line\r\n"]),
+    st.sampled_from([b"", b"", b"", b"", b"GET / HTTP/1.1\r\nHost: y\r\n\r\n", b"junk\r\n\r\n"]),
+)
+
+
+def llhttp_fields(read: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The (name, value) pairs of the first head in `read` as llhttp's callbacks give them, or
+    None if it refuses it."""
+    recorder = HeadRecorder()
+    try:
+        httptools.HttpRequestParser(recorder).feed_data(read)
+    except httptools.HttpParserError:
+        if not recorder.heads:
+            return None
+    return recorder.fields if recorder.heads else None
+
+
+@settings(max_examples=150)
+@given(st.lists(HEAD_VARIANTS, min_size=1, max_size=12))
+def test_heads_read_by_runs_are_read_as_llhttp_reads_them(
+    heads: list[tuple[bytes, list[int], bytes, bytes, bytes]],
+) -> None:
+    """What the data path does with each read that ends with an empty line
+    (see ClientConnection.on_headers_complete): the runs' lines if they fit,
+    else seen_lines, from which the runs are learnt. Whenever llhttp accepts
+    the head, the lines are its lines; a read holding more than the head is
+    never read by the runs."""
+    for request_line, picked, user, extra, after in heads:
+        lines = [CLIENT_LINES[i] for i in picked]
+        lines.insert(1, b"x-user-id: " + user)
+        lines.append(b"X-Request-Id: " + user[::-1])
+        read = request_line + b"\r\n" + b"".join(line + b"\r\n" for line in lines)
+        read += extra + b"\r\n" + after
+        expected = llhttp_fields(read)
+        if expected is None:
+            continue  # refused: never read from the bytes
+        line_end = request_line_end(read, b"GET", request_line[4:].split(b" ")[0])
+        by_runs = run_lines(read, line_end)
+        if after:
+            assert by_runs is None
+            continue
+        if by_runs is None:
+            by_runs = seen_lines(read, line_end)
+            learn_runs(by_runs)
+        else:
+            event("read by the runs")
+        assert [line.header for line in by_runs] == expected

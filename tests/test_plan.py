@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from proxy import errors
 from proxy.endpoints import Upstreams
-from proxy.http1 import forwarded_for_lines, request_line_end
+from proxy.http1 import forwarded_for_lines, request_line_end, seen_headers, verbatim_head
 from proxy.loader import parse_config
 from proxy.metrics import Metrics
 from proxy.plan import PathLimits, Plan, RoutingTable, plan_request
@@ -59,13 +59,13 @@ def plan(
     raw: bytes = b"",
 ) -> Plan:
     routing, limits = table
-    line_end = request_line_end(raw, method, url) if raw else 0
+    verbatim = verbatim_head(raw, request_line_end(raw, method, url)) if raw else b""
     forwarded_for = forwarded_for_lines("10.0.0.1")
     asks = Asks(False)
     client = "10.0.0.1"
     return plan_request(
-        method, url, headers, version, True, asks, routing, limits, forwarded_for, client, raw,
-        line_end,
+        method, url, seen_headers(headers), version, True, asks, routing, limits, forwarded_for,
+        client, verbatim,
     )  # fmt: skip
 
 
@@ -150,19 +150,49 @@ def test_an_upgrade_plan_closes_unless_switched(table: tuple[RoutingTable, PathL
     routing, limits = table
     headers = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
     planned = plan_request(
-        b"GET", b"/ws", headers, "1.1", True, Asks(True), routing, limits, b"", "10.0.0.1", b"", 0
+        b"GET",
+        b"/ws",
+        seen_headers(headers),
+        "1.1",
+        True,
+        Asks(True),
+        routing,
+        limits,
+        b"",
+        "10.0.0.1",
+        b"",
     )
     assert planned.upgrade == b"websocket" and planned.close
     assert planned.head.endswith(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
     h2c = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"h2c")]
     planned = plan_request(
-        b"GET", b"/", h2c, "1.1", True, Asks(True), routing, limits, b"", "10.0.0.1", b"", 0
+        b"GET",
+        b"/",
+        seen_headers(h2c),
+        "1.1",
+        True,
+        Asks(True),
+        routing,
+        limits,
+        b"",
+        "10.0.0.1",
+        b"",
     )
     assert planned.upgrade is None and not planned.close
     assert b"pgrade" not in planned.head
     # An Upgrade header without Connection: upgrade asks for nothing.
     unasked = [*HOST, (b"Upgrade", b"websocket")]
     planned = plan_request(
-        b"GET", b"/", unasked, "1.1", True, Asks(False), routing, limits, b"", "10.0.0.1", b"", 0
+        b"GET",
+        b"/",
+        seen_headers(unasked),
+        "1.1",
+        True,
+        Asks(False),
+        routing,
+        limits,
+        b"",
+        "10.0.0.1",
+        b"",
     )
     assert planned.upgrade is None and not planned.close
