@@ -311,7 +311,9 @@ class RequestHead:
 
     __slots__ = (
         "_forwarded",
+        "_http10",
         "_lines",
+        "_underscores",
         "chunked",
         "content_length",
         "headers",
@@ -323,6 +325,11 @@ class RequestHead:
     def __init__(
         self, lines: list[SeenRequestLine], http10: bool, underscores: str = UNDERSCORES_DROP
     ) -> None:
+        self._lines = lines
+        self._http10 = http10
+        self._underscores = underscores
+        if _LAST_HEAD and self._read_as(_LAST_HEAD[0]):
+            return
         self.headers: dict[str, str] = {}  # lower-case name -> value, repeats joined
         self.chunked = False
         self.want_continue = False
@@ -360,7 +367,6 @@ class RequestHead:
                     forwarded = [kept.header for kept in lines[:index]]
             elif forwarded is not None:
                 forwarded.append(line.header)
-        self._lines = lines
         self._forwarded = forwarded
         self.unchanged = forwarded is None and not dropped
         if dropped:
@@ -372,6 +378,42 @@ class RequestHead:
         if length is not None and length[0] == "0" and len(length) > 1:
             length = str(int(length))  # leading zeros: some parsers count digits
         self.content_length = length
+        if self.unchanged and len(headers) == len(lines):  # no line dropped, no name repeated
+            if _LAST_HEAD:
+                _LAST_HEAD[0] = self
+            else:
+                _LAST_HEAD.append(self)
+
+    def _read_as(self, last: RequestHead) -> bool:
+        """Read the head as `last` was read, and say so, when their lines
+        differ only in the values of lines that are passed on as they are and
+        that no check reads (a user's id, a request's): then so do their
+        headers, and nothing else."""
+        lines = self._lines
+        before = last._lines
+        count = len(lines)
+        if count != len(before) or self._http10 != last._http10:
+            return False
+        if self._underscores != last._underscores:
+            return False
+        for index in range(count):
+            line = lines[index]
+            if line is not before[index]:
+                name = line.name
+                if name is not before[index].name or name.request_checked or not name.forwarded:
+                    return False
+        headers = self.headers = last.headers.copy()
+        for index in range(count):
+            line = lines[index]
+            if line is not before[index]:
+                headers[line.name.key] = line.text
+        self._forwarded = None
+        self.unchanged = True
+        self.host = last.host
+        self.chunked = last.chunked
+        self.want_continue = last.want_continue
+        self.content_length = last.content_length
+        return True
 
     @property
     def forwarded(self) -> list[Header]:
@@ -385,6 +427,10 @@ class RequestHead:
         """Pass on no line named `key` (lower-case)."""
         self._forwarded = [h for h in self.forwarded if header_name(h[0]).key != key]
         self.unchanged = False
+
+
+# The last head read in full whose lines all pass on unchanged, none twice.
+_LAST_HEAD: Final[list[RequestHead]] = []
 
 
 def request_head(

@@ -437,6 +437,7 @@ def no_seen_lines() -> None:
     http1._CHANGING.clear()
     http1._SEEN_RESPONSE.clear()
     http1._LAST_RESPONSE.clear()
+    http1._LAST_HEAD.clear()
 
 
 def facts(request: RequestHead) -> tuple[object, ...]:
@@ -454,6 +455,7 @@ def facts(request: RequestHead) -> tuple[object, ...]:
 def read_alone(lines: list[tuple[bytes, bytes]]) -> tuple[object, ...] | str:
     """What RequestHead makes of `lines` with nothing seen before, or its refusal."""
     http1._SEEN_REQUEST.clear()
+    http1._LAST_HEAD.clear()
     try:
         return facts(request_head(lines, False))
     except errors.ProxyError as exc:
@@ -692,3 +694,24 @@ def test_heads_read_by_runs_are_read_as_llhttp_reads_them(
         else:
             event("read by the runs")
         assert [line.header for line in by_runs] == expected
+
+
+def test_a_head_like_the_last_but_for_values_passed_on_is_read_as_it_was() -> None:
+    first = head((b"Host", b"x"), (b"x-user-id", b"u1"), (b"Accept", b"*/*"))
+    second = head((b"Host", b"x"), (b"x-user-id", b"u22"), (b"Accept", b"*/*"))
+    assert second.headers == {"host": "x", "x-user-id": "u22", "accept": "*/*"}
+    assert first.headers["x-user-id"] == "u1"  # its own dict, untouched
+    assert second.forwarded == [(b"Host", b"x"), (b"x-user-id", b"u22"), (b"Accept", b"*/*")]
+    assert second.unchanged and second.host == "x"
+    # Not when a line a check reads changes, nor the settings the checks read.
+    with pytest.raises(errors.BadRequest, match="invalid Host"):
+        head((b"Host", b"x y"), (b"x-user-id", b"u3"), (b"Accept", b"*/*"))
+    lines = [(b"Host", b"x"), (b"X_B", b"1")]
+    assert request_head(lines, False, UNDERSCORES_ALLOW).headers["x_b"] == "1"
+    assert "x_b" not in request_head(lines, False).headers
+    assert request_head([(b"X-A", b"1")], True).host == ""
+    with pytest.raises(errors.BadRequest, match="missing Host"):
+        request_head([(b"X-A", b"2")], False)
+    # Nor when the last head had a name twice: its value was two lines joined.
+    head((b"Host", b"x"), (b"X-A", b"1"), (b"X-A", b"2"))
+    assert head((b"Host", b"x"), (b"X-A", b"1"), (b"X-A", b"3")).headers["x-a"] == "1, 3"
