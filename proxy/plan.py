@@ -10,7 +10,7 @@ version). The exchange then only carries the plan out.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 from . import errors
 from .accesslog import names_json
@@ -272,14 +272,32 @@ def _request_id(plan: Plan, head: RequestHead) -> bytes:
 def routing_view(method: bytes, target: bytes, head: RequestHead, client_ip: str) -> RequestView:
     """What routing sees of a request: its method, the path and query of its
     target in origin form, its checked headers and the client's address."""
-    path, _, query = target.partition(b"?")
-    return RequestView(
-        method.decode("latin-1"),
-        path.decode("latin-1"),
-        query.decode("latin-1"),
-        head.headers,
-        client_ip,
-    )
+    text = _target_text(target)
+    return RequestView(method.decode("latin-1"), text[0], text[1], head.headers, client_ip)
+
+
+class TargetText:
+    """A request target in origin form, and its path and query as text."""
+
+    __slots__ = ("path", "query", "target")
+
+    def __init__(self, target: bytes) -> None:
+        self.target = target
+        path, _, query = target.partition(b"?")
+        self.path = path.decode("latin-1")
+        self.query = query.decode("latin-1")
+
+
+# The target last read: a client asks for the same one again and again (an API,
+# a health check, a page reloaded), and then it is one comparison.
+_LAST_TARGET: Final = [TargetText(b"/")]
+
+
+def _target_text(target: bytes) -> tuple[str, str]:
+    last = _LAST_TARGET[0]
+    if last.target != target:
+        last = _LAST_TARGET[0] = TargetText(target)
+    return last.path, last.query
 
 
 def request_view(
