@@ -326,18 +326,23 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(self._parse_error(exc))
         else:
             if not self._between and not self.refused:
-                # The head announces a body: the other parser reads it, once it
-                # has read the head too (its callbacks ignore it, see _replaying).
-                self._alone_parser = None
-                self._replaying = True
-                try:
-                    self._full_parser.feed_data(data)
-                finally:
-                    self._replaying = False
-                self.parser = self._full_parser
+                self._read_body_after(data)
         finally:
             self._alone_read = b""
         return True
+
+    def _read_body_after(self, head: bytes) -> None:
+        """The head _alone_parser read announces a body: the other parser reads
+        it, once it has read the head too (its callbacks ignore it: _replaying)."""
+        self._alone_parser = None
+        self.parser = self._full_parser
+        self._replaying = True
+        try:
+            self._full_parser.feed_data(head)
+        except httptools.HttpParserError as exc:  # never: llhttp accepted it once
+            self.refuse(self._parse_error(exc))
+        finally:
+            self._replaying = False
 
     def _check_chunk_size(self, data: bytes) -> None:
         """A chunk whose data runs past this read declared its size here: no

@@ -204,8 +204,8 @@ def seen_headers(raw_headers: list[Header]) -> list[SeenRequestLine]:
 def seen_lines(head: bytes, line_end: int) -> list[SeenRequestLine]:
     """The header lines of a request head that llhttp accepted, read from its
     bytes: `head` holds it whole, from its first byte (empty lines before the
-    request line aside) to its last, and `line_end` says where its request line
-    ends if known (request_line_end), else 0. See head_lines."""
+    request line aside) to its last, and `line_end` is where its request line's
+    CRLF is if known (request_line_end), else 0. See head_lines."""
     if not line_end:
         while head[line_end] == 13 or head[line_end] == 10:  # CR, LF: empty lines llhttp skips
             line_end += 1
@@ -240,8 +240,8 @@ _CHANGING: Final[set[int]] = set()  # the positions whose lines have changed
 
 def run_lines(head: bytes, line_end: int) -> list[SeenRequestLine] | None:
     """The header lines of `head`, a request head that llhttp accepted, that
-    ends `head` and begins it (no empty line before its request line, which
-    ends at `line_end`, see request_line_end, or 0 if not known), when they are
+    ends `head` and begins it (no empty line before its request line, whose
+    CRLF is at `line_end`, see request_line_end, or 0 if not known), when they are
     the runs' lines in their places and any line in the places that change;
     else None. In an accepted head every CRLF ends a line and no line is
     empty: that a changing line ends where its CRLF is found is enough."""

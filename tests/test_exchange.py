@@ -279,6 +279,56 @@ def test_a_chunked_body_under_a_limit_is_held_whole_then_sent() -> None:
 # --------------------------------------------------------------------------- the state machine
 
 
+@pytest.mark.parametrize(
+    "read",
+    [
+        b"GET /1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        b"POST /1 HTTP/1.1\r\nHost: web.test\r\nContent-Length: 6\r\n\r\nab\r\n\r\n"
+        b"GET /2 HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    ],
+    ids=["two heads", "a body that ends as a head does"],
+)
+def test_a_read_that_ends_as_a_head_does_but_holds_more_is_read_whole(read: bytes) -> None:
+    async def scenario(recorder: Recorder) -> None:
+        conn, transport = connect(plane_for(recorder))
+        for _ in range(3):  # the first time and once the lines are known
+            recorder.received.clear()
+            transport.written.clear()
+            conn.data_received(read)
+            assert [r.status for r in await answered(transport, 2)] == [200, 200]
+            sent = MADE_ID.sub(b"", bytes(recorder.received))
+            assert sent.count(b"HTTP/1.1\r\nHost: web.test\r\n") == 2
+            assert (b"ab\r\n\r\n" in sent) == (b"POST" in read)
+            assert sent.index(b" /1 ") < sent.index(b" /2 ")
+
+    run(scenario)
+
+
+def test_heads_that_differ_in_a_line_or_two_go_upstream_as_received() -> None:
+    """The runs (http1.run_lines): the lines that change are read afresh, at
+    any length, and routing sees them."""
+
+    async def scenario(recorder: Recorder) -> None:
+        conn, transport = connect(plane_for(recorder))
+        users = [b"u1", b"u1", b"user-22", b"u", b"u333", b"u333", b"u4\tx", b"u5"]
+        for number, user in enumerate(users):
+            head = (
+                b"GET /p?q=%d HTTP/1.1\r\nHost: web.test\r\nx-user-id: %s\r\n"
+                b"Accept: */*\r\nX-Request-Id: id-%d\r\n\r\n" % (number, user, number * 37)
+            )
+            if number == 7:  # a line more, then the runs do not fit
+                head = head[:-2] + b"X-More: 1\r\n\r\n"
+            recorder.received.clear()
+            transport.written.clear()
+            conn.data_received(head)
+            [response] = await answered(transport)
+            assert response.status == 200
+            assert bytes(recorder.received).startswith(head[:-2])
+            assert b"x-request-id: id-%d\r\n" % (number * 37) in bytes(transport.written)
+
+    run(scenario)
+
+
 # A response as an upstream may send it: an informational response first,
 # an empty line before its status line (llhttp skips it), lines the proxy
 # drops or replaces, and a separator without a space.
