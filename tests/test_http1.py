@@ -715,3 +715,53 @@ def test_a_head_like_the_last_but_for_values_passed_on_is_read_as_it_was() -> No
     # Nor when the last head had a name twice: its value was two lines joined.
     head((b"Host", b"x"), (b"X-A", b"1"), (b"X-A", b"2"))
     assert head((b"Host", b"x"), (b"X-A", b"1"), (b"X-A", b"3")).headers["x-a"] == "1, 3"
+
+
+def test_heads_of_one_client_are_read_by_the_runs_once_learnt() -> None:
+    """What the runs are for: after two heads, those of the same client are
+    read with a comparison per run, whatever length their changing lines have
+    (the last line too), and a line that got shorter is not taken with the
+    start of the next one."""
+    template = (
+        b"GET /a HTTP/1.1\r\nHost: x\r\nx-user-id: %s\r\nX-A:1\r\nAccept: */*\r\nX-Id: %s\r\n\r\n"
+    )
+    users = [b"u1", b"u22", b"u1234567", b"u1", b"u333333", b"u", b"uuuuuuuuuu"]
+    for number, user in enumerate(users):
+        head = template % (user, user[::-1] * (number % 3 + 1))
+        line_end = request_line_end(head, b"GET", b"/a")
+        lines = run_lines(head, line_end)
+        if number < 2:
+            assert lines is None  # not learnt yet: the user's line has not changed once
+            lines = seen_lines(head, line_end)
+            learn_runs(lines)
+        assert lines is not None, head
+        assert [line.header for line in lines] == llhttp_fields(head)
+    assert [run.raw for run in http1._RUNS] == [
+        b"Host: x\r\n",
+        b"",
+        b"X-A:1\r\nAccept: */*\r\n",
+        b"",
+    ]
+    # Fewer lines, more lines, or an empty line first: not by the runs.
+    start = b"GET /a HTTP/1.1\r\nHost: x\r\nx-user-id: u\r\nX-A:1\r\nAccept: */*\r\n"
+    for other in (
+        start + b"\r\n",
+        start + b"X-Id: 1\r\nX: 2\r\n\r\n",
+        b"\r\n" + start + b"X-Id: 1\r\n\r\n",
+    ):
+        assert run_lines(other, 0) is None
+
+
+def test_the_head_read_last_is_read_once() -> None:
+    """A response head equal to the last is what was made of it then; a request
+    head like the last is read from it (the last stays the one read in full)."""
+    raw = b"HTTP/1.1 200 OK\r\nDate: 1\r\nContent-Length: 2\r\n\r\nok"
+    first, end = http1.response_head(raw, 0, 200)
+    assert http1.response_head(raw, 0, 200) == (first, end) and end == len(raw) - 2
+    assert first.parts == [b"HTTP/1.1 200 OK\r\n", b"Date: 1\r\n"] and first.length == b"2"
+    other, _ = http1.response_head(raw.replace(b"Date: 1", b"Date: 2"), 0, 200)
+    assert other is not first and other.parts[1] == b"Date: 2\r\n"
+    assert http1.response_head(b"\r\n" + raw, 0, 200)[1] == len(raw)
+    read_in_full = head((b"Host", b"x"), (b"x-user-id", b"u1"))
+    head((b"Host", b"x"), (b"x-user-id", b"u2"))
+    assert http1._LAST_HEAD[0] is read_in_full
