@@ -57,11 +57,12 @@ def plan(
     url: bytes = b"/a?b",
     version: str = "1.1",
     raw: bytes = b"",
+    upgrade: bool = False,
 ) -> Plan:
     routing, limits = table
     verbatim = verbatim_head(raw, request_line_end(raw, method, url)) if raw else b""
     forwarded_for = forwarded_for_lines("10.0.0.1")
-    asks = Asks(False)
+    asks = Asks(upgrade)
     client = "10.0.0.1"
     return plan_request(
         method, url, seen_headers(headers), version, True, asks, routing, limits, forwarded_for,
@@ -147,52 +148,14 @@ def test_refusals_are_plans_with_their_error(
 
 
 def test_an_upgrade_plan_closes_unless_switched(table: tuple[RoutingTable, PathLimits]) -> None:
-    routing, limits = table
     headers = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
-    planned = plan_request(
-        b"GET",
-        b"/ws",
-        seen_headers(headers),
-        "1.1",
-        True,
-        Asks(True),
-        routing,
-        limits,
-        b"",
-        "10.0.0.1",
-        b"",
-    )
+    planned = plan(table, headers, url=b"/ws", upgrade=True)
     assert planned.upgrade == b"websocket" and planned.close
     assert planned.head.endswith(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
     h2c = [*HOST, (b"Connection", b"upgrade"), (b"Upgrade", b"h2c")]
-    planned = plan_request(
-        b"GET",
-        b"/",
-        seen_headers(h2c),
-        "1.1",
-        True,
-        Asks(True),
-        routing,
-        limits,
-        b"",
-        "10.0.0.1",
-        b"",
-    )
+    planned = plan(table, h2c, url=b"/", upgrade=True)
     assert planned.upgrade is None and not planned.close
     assert b"pgrade" not in planned.head
     # An Upgrade header without Connection: upgrade asks for nothing.
-    unasked = [*HOST, (b"Upgrade", b"websocket")]
-    planned = plan_request(
-        b"GET",
-        b"/",
-        seen_headers(unasked),
-        "1.1",
-        True,
-        Asks(False),
-        routing,
-        limits,
-        b"",
-        "10.0.0.1",
-        b"",
-    )
+    planned = plan(table, [*HOST, (b"Upgrade", b"websocket")], url=b"/")
     assert planned.upgrade is None and not planned.close
