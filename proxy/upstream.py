@@ -62,7 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: Exchange | None = None
         self._parser = httptools.HttpResponseParser(self)
         # The reads since the current response head began (the first from
-        # _head_start on), their size, and the final head's header lines.
+        # _head_start on), their size, and the final response's head.
         self._reads: list[bytes] = []
         self._head_start = 0
         self._head_size = 0

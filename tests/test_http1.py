@@ -632,7 +632,7 @@ def test_a_head_llhttp_accepts_reads_as_its_callbacks_give_it(
         return  # refused: never read from the bytes
     event("accepted")
     assert recorder.heads == 1
-    read, end = head_lines(b"before" + raw + b"after", len(b"before"))
+    read, end = head_lines(b"before" + raw + b"\r\n\r\nafter", len(b"before"))
     assert read[0] == start_line and end == len(b"before" + raw)
     assert [header_field(line) for line in read[1:]] == recorder.fields
 
@@ -765,3 +765,16 @@ def test_the_head_read_last_is_read_once() -> None:
     read_in_full = head((b"Host", b"x"), (b"x-user-id", b"u1"))
     head((b"Host", b"x"), (b"x-user-id", b"u2"))
     assert http1._LAST_HEAD[0] is read_in_full
+
+
+@pytest.mark.parametrize("leading", [b"", b"\r\n", b"\r\n\r\n", b"\n"])
+def test_a_head_whose_request_line_end_is_not_known_is_read_past_empty_lines(
+    leading: bytes,
+) -> None:
+    for request_line in (b"GET / HTTP/1.0", b"GET  /x HTTP/1.1", b"POST /y HTTP/1.1"):
+        head = leading + request_line + b"\r\nHost: x\r\nX-A:  1 \r\n\r\n"
+        expected = llhttp_fields(head)
+        if expected is None:
+            continue  # (a bare LF first: llhttp's to refuse)
+        assert [line.header for line in seen_lines(head, 0)] == expected
+        assert expected == [(b"Host", b"x"), (b"X-A", b"1 ")]
