@@ -273,7 +273,7 @@ class ClientConnection(asyncio.Protocol):
             current.start()
 
     def _parse(self, data: bytes) -> None:
-        if self._between and data[-4:] == b"\r\n\r\n" and self._parse_alone(data):
+        if self._between and data.endswith(b"\r\n\r\n") and self._parse_alone(data):
             return
         self.parser = self._full_parser
         while True:

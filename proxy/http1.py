@@ -207,9 +207,7 @@ def seen_lines(head: bytes, line_end: int) -> list[SeenRequestLine]:
     request line aside) to its last, and `line_end` is where its request line's
     CRLF is if known (request_line_end), else 0. See head_lines."""
     if not line_end:
-        while head[line_end] == 13 or head[line_end] == 10:  # CR, LF: empty lines llhttp skips
-            line_end += 1
-        line_end = head.find(b"\r\n", line_end)
+        line_end = head.find(b"\r\n", head_start(head, 0))
     start = line_end + 2  # where the first header line begins
     end = len(head) - 4  # where the last one's CRLF begins
     if start >= end:
@@ -653,10 +651,17 @@ def head_lines(raw: bytes, start: int) -> tuple[list[bytes], int]:
     Empty lines before the start line, which llhttp skips, are skipped. A head
     llhttp accepted ends at its first empty line, and no line of it holds a CR
     or an LF: splitting on CRLF gives back the lines llhttp read."""
-    while raw[start] == 13 or raw[start] == 10:  # CR, LF
-        start += 1
+    start = head_start(raw, start)
     end = raw.find(b"\r\n\r\n", start)
     return raw[start:end].split(b"\r\n"), end + 4
+
+
+def head_start(raw: bytes, start: int) -> int:
+    """Where the head at `start` of `raw` begins: past the empty lines that
+    llhttp skips before a start line."""
+    while raw[start] == 13 or raw[start] == 10:  # CR, LF
+        start += 1
+    return start
 
 
 def header_field(line: bytes) -> Header:
@@ -711,10 +716,10 @@ class ResponseHead:
 
     def __init__(self, raw: bytes, status: int) -> None:
         self.raw = raw
-        self.parts, self.length, self.upgrade = response_lines(status, head_lines(raw, 0)[0][1:])
+        self.parts, self.length, self.upgrade = response_lines(status, self.header_lines())
 
     def header_lines(self) -> list[bytes]:
-        return head_lines(self.raw, 0)[0][1:]
+        return self.raw[:-4].split(b"\r\n")[1:]  # (no empty line before the status line)
 
 
 # The head last read: an upstream answers the same request with the same head
@@ -731,8 +736,7 @@ def response_head(raw: bytes, start: int, status: int) -> tuple[ResponseHead, in
         end = start + len(last.raw)
         if raw[start:end] == last.raw:
             return last, end
-    while raw[start] == 13 or raw[start] == 10:  # empty lines before it (llhttp skips them)
-        start += 1
+    start = head_start(raw, start)
     end = raw.find(b"\r\n\r\n", start) + 4
     head = ResponseHead(raw[start:end], status)
     if _LAST_RESPONSE:
