@@ -38,6 +38,7 @@ from .http1 import (
     framed_response_head,
     learn_runs,
     open_chunk_size,
+    plain_request_line_end,
     request_line_end,
     run_lines,
     seen_headers,
@@ -46,7 +47,7 @@ from .http1 import (
 )
 from .metrics import Metrics
 from .mirror import Mirrors, Shadow
-from .plan import PathLimits, Plan, RoutingTable, plan_request, refusal
+from .plan import PathLimits, Plan, RoutingTable, UpgradeFlag, plan_request, refusal
 from .requestid import id_of
 from .routing import with_fallback
 from .state import LiveState, Snapshot
@@ -303,6 +304,12 @@ class ClientConnection(asyncio.Protocol):
     def _parse_alone(self, data: bytes) -> bool:
         """Parse a read that may hold one request head and nothing else (it
         ends with an empty line); False, with nothing done, if it holds more."""
+        line_end = plain_request_line_end(data)
+        if line_end:
+            lines = run_lines(data, line_end, unchecked=True)
+            if lines is not None:
+                self._read_plain(data, line_end, lines)
+                return True
         parser = self._alone_parser
         if parser is None:
             parser = self._alone_parser = httptools.HttpRequestParser(HeadAlone(self))
@@ -330,6 +337,26 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._alone_read = b""
         return True
+
+    def _read_plain(self, head: bytes, line_end: int, lines: list[SeenRequestLine]) -> None:
+        """Serve a read that holds one head of a GET or a HEAD and nothing
+        else, whose lines llhttp would read as those of heads it read before
+        (see http1.run_lines' unchecked): what llhttp's callbacks would do
+        for it, without llhttp. It would find it keeps the connection alive,
+        asks for no upgrade and has no body."""
+        method = b"GET" if head[0] == 71 else b"HEAD"  # 71: "G"
+        self._url = head[len(method) + 1 : line_end - 9]
+        self._line_end = line_end
+        self._read_hint = b""
+        self._alone_read = head
+        try:
+            self._head_read(method, lines, True, NO_UPGRADE)
+        except ProxyError as exc:
+            self.refuse(exc)
+            return
+        finally:
+            self._alone_read = b""
+        self.on_message_complete()
 
     def _read_body_after(self, head: bytes) -> None:
         """The head _alone_parser read announces a body: the other parser reads
@@ -429,6 +456,19 @@ class ClientConnection(asyncio.Protocol):
                     raise NotAlone
                 lines = seen_lines(read, self._line_end)
                 learn_runs(lines)
+        self._head_read(method, lines, parser.should_keep_alive(), parser)
+
+    def _head_read(
+        self,
+        method: bytes,
+        lines: list[SeenRequestLine] | None,
+        keep_alive: bool,
+        upgrade: UpgradeFlag,
+    ) -> None:
+        """A request head is read: plan its exchange. `lines` are its header
+        lines when read from the bytes of _alone_read, else None (then they are
+        _headers)."""
+        read = self._alone_read
         self._in_head = False
         limit = self.plane.limits.max_header_bytes
         if self._head_bytes > limit and self._head_size(lines) > limit:
@@ -448,8 +488,8 @@ class ClientConnection(asyncio.Protocol):
             self._url,
             lines,
             self.request_version(),
-            parser.should_keep_alive(),
-            parser,
+            keep_alive,
+            upgrade,
             self.plane.table,
             self.plane.limits,
             self.forwarded_for,
@@ -607,6 +647,16 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
         if self.current is not None:
             self.current.check_timeout(now)
+
+
+class NoUpgrade:
+    """The parser's word for a head that asks for no upgrade (see _read_plain)."""
+
+    def should_upgrade(self) -> bool:
+        return False
+
+
+NO_UPGRADE: Final = NoUpgrade()
 
 
 class NotAlone(Exception):

@@ -50,6 +50,20 @@ PROTECTED: Final = frozenset(
 CHECKED_REQUEST_HEADERS: Final = frozenset(
     {b"host", b"transfer-encoding", b"connection", b"expect"}
 )
+# The header names whose values llhttp reads, besides checking every line's
+# syntax: they frame the body, keep the connection or ask for an upgrade.
+PARSER_READS: Final = frozenset(
+    {b"connection", b"content-length", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+# Bytes that llhttp (strict) accepts in a request target after its "/", and in
+# a header value: fewer than it accepts, for the heads read without it (see
+# plain_request_line_end, run_lines). As tables: byte n is 1 if n is one of them.
+TARGET_BYTES: Final = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%"
+)
+VALUE_BYTES: Final = bytes(range(0x20, 0x7F)) + b"\t"
+TARGET_TABLE: Final = bytes(int(n in TARGET_BYTES) for n in range(256))
+VALUE_TABLE: Final = bytes(int(n in VALUE_BYTES) for n in range(256))
 # What the data path does with request header names that hold an underscore
 # (config key headers_with_underscores): WSGI and CGI upstreams read
 # X_Forwarded_Host and X-Forwarded-Host as one variable.
@@ -89,6 +103,7 @@ class HeaderName:
         "forwarded",
         "key",
         "lower",
+        "parser_reads",
         "request_checked",
         "response_checked",
         "underscore",
@@ -101,6 +116,7 @@ class HeaderName:
         self.request_checked = self.lower in CHECKED_REQUEST_HEADERS or self.underscore
         self.forwarded = self.lower not in NOT_FORWARDED
         self.response_checked = self.lower in CHECKED_RESPONSE_HEADERS
+        self.parser_reads = self.lower in PARSER_READS
 
 
 # Clients and upstreams send the same few names on every message. Bounded: a
@@ -221,11 +237,24 @@ class LineRun:
     in every head learnt from (`raw` the lines joined, each with its CRLF;
     `seen` what they are), or one line that changed between two (raw b"")."""
 
-    __slots__ = ("raw", "seen")
+    __slots__ = ("plain", "raw", "seen")
 
     def __init__(self, raw: bytes, seen: list[SeenRequestLine]) -> None:
         self.raw = raw
         self.seen = seen
+        # No line llhttp reads more of than its syntax (see run_lines' unchecked).
+        self.plain = all(_plain(line) for line in seen)
+
+
+def _plain(line: SeenRequestLine) -> bool:
+    """Whether llhttp reads nothing of `line` that changes how it reads an
+    HTTP/1.1 request (its framing, its keep-alive, an upgrade): a name it does
+    not read, or a Connection that only says keep-alive."""
+    name = line.name
+    if not name.parser_reads:
+        return True
+    keep_alive = name.lower == b"connection" or name.lower == b"proxy-connection"
+    return keep_alive and line.header[1].lower() == b"keep-alive"
 
 
 # The heads of one kind of client differ in a line or two (a user's id, a
@@ -236,13 +265,18 @@ _LEARNT: Final[list[SeenRequestLine]] = []  # the lines of the head last learnt 
 _CHANGING: Final[set[int]] = set()  # the positions whose lines have changed
 
 
-def run_lines(head: bytes, line_end: int) -> list[SeenRequestLine] | None:
+def run_lines(head: bytes, line_end: int, unchecked: bool = False) -> list[SeenRequestLine] | None:
     """The header lines of `head`, a request head that llhttp accepted, that
     ends `head` and begins it (no empty line before its request line, whose
     CRLF is at `line_end`, see request_line_end, or 0 if not known), when they are
     the runs' lines in their places and any line in the places that change;
     else None. In an accepted head every CRLF ends a line and no line is
-    empty: that a changing line ends where its CRLF is found is enough."""
+    empty: that a changing line ends where its CRLF is found is enough.
+
+    `unchecked`: llhttp has not read `head` (its request line is one that
+    plain_request_line_end accepts): its lines are read only if llhttp would
+    accept them and read them as it read those learnt from, none of which
+    frames a body or asks for an upgrade (see _plain, _read_alike); else None."""
     if not _RUNS or head[0] == 13 or head[0] == 10:  # empty lines first: not this way
         return None
     if not line_end:
@@ -254,7 +288,7 @@ def run_lines(head: bytes, line_end: int) -> list[SeenRequestLine] | None:
         raw = run.raw
         if raw:
             stop = start + len(raw)
-            if head[start:stop] != raw:
+            if head[start:stop] != raw or (unchecked and not run.plain):
                 return None
             lines.extend(run.seen)
             start = stop
@@ -271,9 +305,62 @@ def run_lines(head: bytes, line_end: int) -> list[SeenRequestLine] | None:
             line = head[start:stop]
         if stop <= start or stop >= end:  # the empty line, or none: fewer lines than the runs
             return None
+        if unchecked and not _read_alike(index, line):
+            return None
         lines.append(seen_request_raw_line(index, line))
         start = stop + 2
     return lines if start == end else None
+
+
+def _read_alike(index: int, line: bytes) -> bool:
+    """Whether llhttp would accept the header line `line` at `index` of a head
+    it has not read, and read nothing in it (see _plain): the name of the line
+    last seen there (one it accepted) and not one it reads, and a value of
+    VALUE_BYTES (with its spaces and tabs around it, which llhttp keeps at
+    its end, as header_field does)."""
+    if index >= len(_SEEN_REQUEST_LINES):
+        return False
+    seen = _SEEN_REQUEST_LINES[index]
+    raw_name = seen.header[0]
+    size = len(raw_name)
+    if seen.name.parser_reads or len(line) <= size or line[size] != 58:  # 58: ":"
+        return False
+    return line[:size] == raw_name and _in_table_until(line, size + 1, VALUE_TABLE) == len(line)
+
+
+def _in_table_until(data: bytes, start: int, table: bytes) -> int:
+    """Where the first byte of `data` from `start` on that `table` leaves out
+    is (len(data) if none): a loop compiled to C, cheaper on a few dozen bytes
+    than a call of bytes.translate."""
+    end = len(data)
+    while start < end and table[data[start]]:
+        start += 1
+    return start
+
+
+def plain_request_line_end(read: bytes) -> int:
+    """Where the request line that starts `read` ends (its CRLF) when it asks
+    for a GET or a HEAD of a path of TARGET_BYTES over HTTP/1.1: llhttp would
+    accept it, and nothing in it announces a body or an upgrade (only header
+    lines could). 0 otherwise."""
+    last = _PLAIN_LINE[0]
+    if read.startswith(last):  # as it was: the same page, asked for again
+        return len(last) - 2
+    if read.startswith(b"GET /"):
+        start = 5
+    elif read.startswith(b"HEAD /"):
+        start = 6
+    else:
+        return 0
+    end = _in_table_until(read, start, TARGET_TABLE)
+    if read[end : end + 11] != b" HTTP/1.1\r\n":
+        return 0
+    _PLAIN_LINE[0] = read[: end + 11]
+    return end + 9
+
+
+# The request line plain_request_line_end last accepted, with its CRLF.
+_PLAIN_LINE: Final = [b"GET / HTTP/1.1\r\n"]
 
 
 def learn_runs(lines: list[SeenRequestLine]) -> None:

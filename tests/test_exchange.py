@@ -329,6 +329,50 @@ def test_heads_that_differ_in_a_line_or_two_go_upstream_as_received() -> None:
     run(scenario)
 
 
+def test_heads_like_those_learnt_are_served_as_llhttp_would_have_them() -> None:
+    """Once a client's heads are learnt, a GET that differs in a user's id is
+    read without llhttp (ClientConnection._read_plain); one that differs in
+    what llhttp refuses or reads is read by llhttp, and served or refused as
+    it was before there was a way around it."""
+    template = b"GET /p HTTP/1.1\r\nHost: web.test\r\nx-user-id: %s\r\nAccept: */*\r\n\r\n"
+    cases = [  # (the changing line, what follows in a read of its own, status, closed)
+        (b"x-user-id: u3", b"", 200, False),
+        (b"x-user-id: u\x01", b"", 400, True),
+        (b"x-user-id: u\x7f", b"", 400, True),
+        (b"x-user-id: \xe9t\xe9", b"", 200, False),
+        (b"Connection: close", b"", 200, True),
+        (b"Content-Length: 5", b"hello", 200, False),
+        (b"Content-Length: x", b"", 400, True),
+        (b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n", 200, False),
+    ]
+
+    async def scenario(recorder: Recorder) -> None:
+        plane = plane_for(recorder)
+        for user in (b"u1", b"u22"):  # learnt
+            conn, transport = connect(plane)
+            conn.data_received(template % user)
+            assert [r.status for r in await answered(transport)] == [200]
+        for line, after, status, closed in cases:
+            head = template.replace(b"x-user-id: %s", line)
+            recorder.received.clear()
+            conn, transport = connect(plane)
+            conn.data_received(head)
+            if after:
+                await asyncio.sleep(0.01)
+                conn.data_received(after)
+            [response] = await answered(transport)
+            assert (response.status, transport.closed) == (status, closed), line
+            sent = MADE_ID.sub(b"", bytes(recorder.received))
+            if status != 200:
+                assert sent == b""
+                continue
+            assert sent.startswith(b"GET /p HTTP/1.1\r\nHost: web.test\r\n")
+            assert (line + b"\r\n" in sent) == line.startswith(b"x-user-id")
+            assert sent.endswith(after or b"\r\n\r\n"), sent
+
+    run(scenario)
+
+
 # A response as an upstream may send it: an informational response first,
 # an empty line before its status line (llhttp skips it), lines the proxy
 # drops or replaces, and a separator without a space.

@@ -27,6 +27,7 @@ from proxy.http1 import (
     learn_runs,
     open_chunk_size,
     origin_form,
+    plain_request_line_end,
     request_head,
     request_line_end,
     response_lines,
@@ -430,6 +431,10 @@ def test_open_chunk_size_at_the_first_byte_and_with_a_line_split_before_its_crlf
 @pytest.fixture(autouse=True)
 def no_seen_lines() -> None:
     """Nor the header lines last seen at each position (see http1.seen_request_line)."""
+    forget_heads()
+
+
+def forget_heads() -> None:
     http1._SEEN_REQUEST.clear()
     http1._SEEN_REQUEST_LINES.clear()
     http1._RUNS.clear()
@@ -438,6 +443,7 @@ def no_seen_lines() -> None:
     http1._SEEN_RESPONSE.clear()
     http1._LAST_RESPONSE.clear()
     http1._LAST_HEAD.clear()
+    http1._PLAIN_LINE[0] = b"GET / HTTP/1.1\r\n"
 
 
 def facts(request: RequestHead) -> tuple[object, ...]:
@@ -778,3 +784,191 @@ def test_a_head_whose_request_line_end_is_not_known_is_read_past_empty_lines(
             continue  # (a bare LF first: llhttp's to refuse)
         assert [line.header for line in seen_lines(head, 0)] == expected
         assert expected == [(b"Host", b"x"), (b"X-A", b"1 ")]
+
+
+class MessageRecorder(HeadRecorder):
+    """httptools' account of whole messages: their URLs, heads and ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[bytes] = []
+        self.bodies = 0
+        self.messages = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.urls.append(url)
+
+    def on_body(self, body: bytes) -> None:
+        self.bodies += 1
+
+    def on_message_complete(self) -> None:
+        self.messages += 1
+
+
+# Request lines and lines of a few kinds of client as in HEAD_VARIANTS, with
+# what llhttp reads besides the syntax (framing, keep-alive, upgrade) and
+# targets, names and values it must refuse, for the heads read without it.
+TARGET_ALPHABET = http1.TARGET_BYTES + b' #\\"<>{}|^`\x00\x7f\x80\xff\t\r\n'
+
+
+def targets(alphabet: bytes) -> st.SearchStrategy[bytes]:
+    return st.binary(max_size=10).map(
+        lambda t: b"/" + bytes(alphabet[b % len(alphabet)] for b in t)
+    )
+
+
+TARGETS = st.integers(0, 3).flatmap(
+    lambda n: [
+        targets(TARGET_ALPHABET),
+        st.sampled_from([b"*", b"http://x/", b"x", b"", b"/"]),
+        targets(http1.TARGET_BYTES),
+        targets(http1.TARGET_BYTES),
+    ][n]
+)
+REQUEST_LINE_FORMS = st.sampled_from(
+    [b"GET %s HTTP/1.1"] * 12
+    + [b"HEAD %s HTTP/1.1", b"POST %s HTTP/1.1", b"GET %s HTTP/1.0", b"GET  %s HTTP/1.1"]
+    + [b"CONNECT %s HTTP/1.1", b"get %s HTTP/1.1", b"GET %s HTTP/1.1 ", b"GET %s HTTP/2.0"]
+)
+PARSER_LINES = [
+    b"Host: x",
+    b"Accept: */*",
+    b"Connection: keep-alive",
+    b"Connection: close",
+    b"Content-Length: 3",
+    b"Transfer-Encoding: chunked",
+    b"Connection: upgrade\r\nUpgrade: websocket",
+    b"Proxy-Connection: keep-alive",
+]
+UNCHECKED_VARIANTS = st.tuples(
+    st.tuples(REQUEST_LINE_FORMS, TARGETS),
+    st.sampled_from(
+        [[0, 1], [0, 1, 2], [7, 0], [0, 2, 1]] * 2  # plain for llhttp
+        + [[0, 3], [0, 4], [0, 5], [6, 0]]
+    ),  # not: a close, framing, an upgrade
+    mostly(st.just(b"x-user-id"), [b"X-User-Id", b"Connection", b"Content-Length", b"x-user-id "]),
+    SEPARATORS,
+    VALUES,
+    st.sampled_from([b"", b"", b"", b"X-Late: 1\r\n", b"Bad Line\r\n"]),
+)
+Variant = tuple[tuple[bytes, bytes], list[int], bytes, bytes, bytes, bytes]
+
+
+def sometimes(strategy: st.SearchStrategy[Variant]) -> st.SearchStrategy[Variant | None]:
+    """None (the same head as before but for its user's id) three times in four."""
+    return st.integers(0, 3).flatmap(lambda n: strategy if n == 0 else st.none())
+
+
+@settings(max_examples=400)
+@given(UNCHECKED_VARIANTS, st.lists(st.tuples(sometimes(UNCHECKED_VARIANTS), VALUES), max_size=12))
+def test_a_head_read_without_llhttp_is_one_llhttp_reads_alike(
+    first: Variant, changes: list[tuple[Variant | None, bytes]]
+) -> None:
+    """The data path reads a GET or HEAD whose request line plain_request_line_end
+    accepts and whose lines run_lines(..., unchecked=True) reads without llhttp
+    (see ClientConnection._read_plain). Whenever it does, llhttp accepts the
+    very same read as one whole message with that target and those lines, no
+    body, kept alive and asking for no upgrade. Heads llhttp reads are learnt
+    from as the data path learns from them; a client's heads differ in a
+    user's id, and now and then in anything else."""
+    variant = first
+    for other, user in [(None, first[4]), *changes]:
+        variant = other or variant
+        (form, target), picked, name, separator, _, extra = variant
+        lines = [PARSER_LINES[i] for i in picked]
+        lines.insert(1, name + separator + user)
+        read = form % target + b"\r\n" + b"".join(line + b"\r\n" for line in lines)
+        read += extra + b"\r\n"
+        line_end = plain_request_line_end(read)
+        by_runs = run_lines(read, line_end, unchecked=True) if line_end else None
+        recorder = MessageRecorder()
+        parser = httptools.HttpRequestParser(recorder)
+        try:
+            parser.feed_data(read)
+        except httptools.HttpParserUpgrade:
+            assert by_runs is None
+            continue
+        except httptools.HttpParserError:
+            assert by_runs is None, read
+            continue
+        if by_runs is not None:
+            event("read without llhttp")
+
+            method = read[: read.index(b" ")]
+            assert method in (b"GET", b"HEAD") and parser.get_method() == method
+            assert recorder.urls == [read[len(method) + 1 : line_end - 9]]
+            assert [line.header for line in by_runs] == recorder.fields
+            assert (recorder.messages, recorder.bodies) == (1, 0), read
+            assert parser.should_keep_alive() and not parser.should_upgrade()
+            assert parser.get_http_version() == "1.1"
+            continue
+        if recorder.heads != 1:
+            continue
+        line_end = request_line_end(read, parser.get_method(), recorder.urls[0])
+        lines_read = run_lines(read, line_end)
+        if lines_read is None:
+            lines_read = seen_lines(read, line_end)
+            learn_runs(lines_read)
+        assert [line.header for line in lines_read] == recorder.fields
+
+
+def test_only_heads_llhttp_would_read_alike_are_read_without_it() -> None:
+    """Once a client's heads are learnt, one that differs in its user's id is
+    read without llhttp; one that differs in what llhttp refuses, or in what
+    it reads besides the syntax, or in bytes it accepts that the data path
+    does not check itself, is left to llhttp."""
+    template = b"%s\r\nHost: x\r\nx-user-id: %s\r\nAccept: */*\r\n\r\n"
+    line = b"GET /a?b=1 HTTP/1.1"
+
+    def unchecked(read: bytes) -> list[tuple[bytes, bytes]] | None:
+        line_end = plain_request_line_end(read)
+        lines = run_lines(read, line_end, unchecked=True) if line_end else None
+        return None if lines is None else [seen.header for seen in lines]
+
+    for user in (b"u1", b"u22"):
+        read = template % (line, user)
+        assert unchecked(read) is None  # not learnt yet
+        learn_runs(seen_lines(read, plain_request_line_end(read)))
+    for user in (b"u3", b"", b"a\tb c ", b"~!"):
+        read = template % (line, user)
+        assert (
+            unchecked(read)
+            == llhttp_fields(read)
+            == [
+                (b"Host", b"x"),
+                (b"x-user-id", user),
+                (b"Accept", b"*/*"),
+            ]
+        )
+        assert unchecked(template % (b"HEAD /a HTTP/1.1", user)) is not None
+    refused = [b"a\x7f", b"a\x00", b"\x01", b"a\rb", b"a\nb"]
+    accepted = [b"a\x80", b"\xff"]  # obs-text: left to llhttp
+    for user in refused + accepted:
+        read = template % (line, user)
+        assert unchecked(read) is None
+        assert (llhttp_fields(read) is None) == (user in refused), user
+    for other in (
+        b"GET /a b HTTP/1.1",
+        b"GET /a\x7f HTTP/1.1",
+        b"GET /\x80 HTTP/1.1",
+        b"GET /a#b HTTP/1.1",
+        b"GET /a\\b HTTP/1.1",
+        b"GET /a HTTP/1.0",
+        b"GET /a HTTP/1.1 ",
+        b"GET  /a HTTP/1.1",
+        b"POST /a HTTP/1.1",
+        b"get /a HTTP/1.1",
+        b"GET * HTTP/1.1",
+        b"GET http://x/a HTTP/1.1",
+    ):
+        assert plain_request_line_end(template % (other, b"u4")) == 0, other
+    for changed in (b"Content-Length: 3", b"Connection: close", b"X-User-Id: u5", b"x-user-id : u"):
+        read = template.replace(b"x-user-id: %s", changed) % line
+        assert unchecked(read) is None, changed
+    # Runs holding a line llhttp reads are not read without it, but for a keep-alive.
+    for connection, read_without in ((b"close", False), (b"Keep-Alive", True)):
+        forget_heads()
+        client = template.replace(b"Accept: */*", b"Connection: " + connection)
+        for user in (b"u1", b"u22"):
+            learn_runs(seen_lines(client % (line, user), len(line)))
+        assert (unchecked(client % (line, b"u3")) is not None) == read_without
