@@ -799,11 +799,19 @@ class ResponseHead:
     its empty line), and what the proxy makes of it (response_lines'): the
     status line and end-to-end lines as pieces, Content-Length and Upgrade."""
 
-    __slots__ = ("length", "parts", "raw", "upgrade")
+    __slots__ = ("close", "length", "parts", "raw", "status", "upgrade", "whole")
 
     def __init__(self, raw: bytes, status: int) -> None:
         self.raw = raw
+        self.status = status
         self.parts, self.length, self.upgrade = response_lines(status, self.header_lines())
+        self.close = False  # llhttp's word: the connection ends with the response
+        # The size of a response that is this head and the body its Content-Length
+        # frames (llhttp refuses a Transfer-Encoding beside it); -1 if it has no
+        # such body: 1xx, 204, 304, or no Content-Length. See whole_response.
+        self.whole = -1
+        if self.length is not None and status >= 200 and status != 204 and status != 304:
+            self.whole = len(raw) + int(self.length)
 
     def header_lines(self) -> list[bytes]:
         return self.raw[:-4].split(b"\r\n")[1:]  # (no empty line before the status line)
@@ -831,6 +839,18 @@ def response_head(raw: bytes, start: int, status: int) -> tuple[ResponseHead, in
     else:
         _LAST_RESPONSE.append(head)
     return head, end
+
+
+def whole_response(read: bytes) -> ResponseHead | None:
+    """The response head last read (see response_head), read again, when
+    `read` is exactly that head and the body its Content-Length frames: llhttp
+    would read it as it read the head then, and then the body, whatever its
+    bytes. None otherwise."""
+    if _LAST_RESPONSE:
+        last = _LAST_RESPONSE[0]
+        if len(read) == last.whole and read.startswith(last.raw):
+            return last
+    return None
 
 
 class SeenResponseLine:

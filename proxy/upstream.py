@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from .errors import BadUpstreamResponse, ProxyError, UpstreamReset, UpstreamTlsError
-from .http1 import ResponseHead, header_field, response_head
+from .http1 import ResponseHead, header_field, response_head, whole_response
 
 if TYPE_CHECKING:
     # The one receiver of response events, and the endpoint a connection goes
@@ -132,6 +132,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = True
         sink = self.sink
         if not self._in_body:  # a response head begins or goes on in this read
+            if not self._reads and not self._skip_body:
+                head = whole_response(data)
+                if head is not None:
+                    self._read_whole(data, head, sink)
+                    return
             self._reads.append(data)
             self._head_size += len(data)
         try:
@@ -146,6 +151,19 @@ class UpstreamConnection(asyncio.Protocol):
             rest = data[exc.args[0] :]
             if rest and self.sink is not None:
                 self.sink.tunnel_data(rest)
+
+    def _read_whole(self, data: bytes, head: ResponseHead, sink: Exchange) -> None:
+        """`data` is a whole response, whose head is the last one llhttp read
+        (http1.whole_response): what its callbacks would do, without it."""
+        self._head = head
+        self._in_body = True
+        sink.response_head(head.status, head, head.close)
+        if len(data) > len(head.raw) and self.sink is not None:
+            self.sink.response_body(data[len(head.raw) :])
+        self._in_body = False
+        if self.sink is not None:
+            self.sink.response_complete()
+        sink.flush()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -208,7 +226,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.upgraded = status == 101
         self._in_body = True
-        sink.response_head(status, head, not self._parser.should_keep_alive())
+        head.close = not self._parser.should_keep_alive()
+        sink.response_head(status, head, head.close)
         if self._skip_body and self.sink is sink:
             # llhttp cannot be told that this answers a HEAD: end the message
             # here and start the next one with a fresh parser.

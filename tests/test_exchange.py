@@ -400,6 +400,44 @@ def test_every_split_of_a_response_reaches_the_client_the_same() -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+    ],
+    ids=["keep-alive", "close", "HTTP/1.0", "no body", "204", "304"],
+)
+def test_a_response_like_the_last_is_served_as_llhttp_would_have_it(answer: bytes) -> None:
+    """A read that is a whole response whose head is the last one llhttp read
+    is read without it (UpstreamConnection._read_whole): the client gets the
+    same response every time, and the upstream connection is kept or closed
+    as llhttp said the first time."""
+
+    async def scenario(recorder: Recorder) -> None:
+        recorder.answer = [answer]
+        conn, transport = connect(plane_for(recorder))
+        answers = []
+        for _ in range(4):
+            transport.written.clear()
+            conn.data_received(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            [response] = await answered(transport)
+            assert response.status == int(answer[9:12])
+            assert response.body == (b"hello" if answer.endswith(b"hello") else b"")
+            answers.append(MADE_ID.sub(b"", bytes(transport.written)))
+            if transport.closed:
+                conn, transport = connect(conn.plane)
+        assert answers[0] == answers[1] == answers[2] == answers[3]
+        reused = not any(word in answer for word in (b"close", b"1.0"))
+        assert len(recorder.writers) == (1 if reused else 4)
+
+    run(scenario)
+
+
 def test_a_response_head_past_the_bound_is_a_502() -> None:
     async def scenario(recorder: Recorder) -> None:
         plane = plane_for(recorder)

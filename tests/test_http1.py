@@ -30,6 +30,7 @@ from proxy.http1 import (
     plain_request_line_end,
     request_head,
     request_line_end,
+    response_head,
     response_lines,
     run_lines,
     seen_lines,
@@ -37,6 +38,7 @@ from proxy.http1 import (
     tunnelled_upgrade,
     upstream_head,
     verbatim_head,
+    whole_response,
 )
 
 
@@ -972,3 +974,79 @@ def test_only_heads_llhttp_would_read_alike_are_read_without_it() -> None:
         for user in (b"u1", b"u22"):
             learn_runs(seen_lines(client % (line, user), len(line)))
         assert (unchecked(client % (line, b"u3")) is not None) == read_without
+
+
+class ResponseRecorder(MessageRecorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = b""
+        self.begun = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+
+# Response heads: mostly one Content-Length, now and then none, two, or a
+# Transfer-Encoding beside it (which llhttp refuses).
+FRAMED_RESPONSE_LINES = st.tuples(
+    st.lists(
+        st.sampled_from([b"Server: up", b"Connection: close", b'ETag: "1"', b"Content-Length: 5"]),
+        max_size=3,
+    ),
+    st.sampled_from(
+        [
+            b"Content-Length: 5",
+            b"Content-Length: 0",
+            b"content-length:  007 ",
+            b"",
+            b"Transfer-Encoding: chunked",
+        ]
+    ),
+).map(lambda pair: [*pair[0], pair[1]] if pair[1] else pair[0])
+
+
+@settings(max_examples=500)
+@given(
+    st.sampled_from(
+        [b"200 OK"] * 4 + [b"100 Continue", b"101 Switching", b"204 No", b"304 Not", b"404 N"]
+    ),
+    FRAMED_RESPONSE_LINES,
+    st.binary(min_size=8, max_size=8),
+    st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 ", b"\r\nHTTP/1.1 "]),
+)
+def test_a_whole_response_read_without_llhttp_is_one_llhttp_reads_alike(
+    status: bytes, lines: list[bytes], body: bytes, version: bytes
+) -> None:
+    """The data path reads a response whose head is the last llhttp read, and
+    that is all of its read with the body its Content-Length gives, without
+    llhttp (see UpstreamConnection._read_whole). Whenever it does, llhttp reads
+    that read as one whole response with that status, head and body, and
+    nothing after it."""
+    head = version + status + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    recorder = ResponseRecorder()
+    parser = httptools.HttpResponseParser(recorder)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserError:
+        return  # refused: never remembered
+    if not recorder.heads:
+        return
+    event("head accepted")
+    remembered, _ = response_head(head, 0, parser.get_status_code())
+    for size in range(len(body) + 1):
+        read = head + body[:size]
+        found = whole_response(read)
+        if found is None:
+            continue
+        event("read without llhttp")
+        assert found is remembered
+        recorder = ResponseRecorder()
+        parser = httptools.HttpResponseParser(recorder)
+        parser.feed_data(read)
+        assert (recorder.begun, recorder.messages) == (1, 1), read
+        assert parser.get_status_code() == found.status
+        assert recorder.body == read[len(found.raw) :]
+        assert not head.startswith(b"\r\n")
