@@ -39,6 +39,7 @@ class UpstreamConnection(asyncio.Protocol):
     header line."""
 
     __slots__ = (
+        "_ended",
         "_head",
         "_head_size",
         "_head_start",
@@ -68,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_size = 0
         self._head: ResponseHead | None = None
         self._informational = False
+        self._ended = False  # a response ended in the read being parsed
         self._skip_body = False
         self._in_body = False  # between a response's head and its end
         self.received = False  # any byte of the current response arrived
@@ -141,11 +143,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_size += len(data)
         try:
             self._parser.feed_data(data)
-            if self._reads and self._head_size - self._head_start > MAX_RESPONSE_HEAD:
+            if self._ended:
+                self._complete()
+            elif self._reads and self._head_size - self._head_start > MAX_RESPONSE_HEAD:
                 self._fail(BadUpstreamResponse("response head from upstream too large"))
                 return  # (a head still incomplete)
             sink.flush()
         except httptools.HttpParserError as exc:
+            if self._ended:  # the response, then bytes of no response asked for
+                if self.transport is not None:  # never used again (as nginx and HAProxy do)
+                    self.transport.abort()
+                self._complete()
+                sink.flush()
+                return
             self._fail(BadUpstreamResponse(f"invalid response from upstream: {exc}"))
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
@@ -239,12 +249,21 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.response_body(body)
 
+    def on_message_begin(self) -> None:
+        if self._ended:
+            raise BadUpstreamResponse("bytes after the response")  # stops the parser
+
     def on_message_complete(self) -> None:
         self._in_body = False
         if self._informational:
             self._informational = False
             return
-        if self.upgraded:
-            return
+        if not self.upgraded:
+            # The exchange completes once the read is parsed: until then the
+            # connection is not given back, for bytes after the response.
+            self._ended = True
+
+    def _complete(self) -> None:
+        self._ended = False
         if self.sink is not None:
             self.sink.response_complete()

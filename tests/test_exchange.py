@@ -438,6 +438,30 @@ def test_a_response_like_the_last_is_served_as_llhttp_would_have_it(answer: byte
     run(scenario)
 
 
+def test_bytes_after_a_response_in_its_read_are_never_a_response_to_another_request() -> None:
+    """An upstream that sends more than the response (a second one, unasked)
+    in the same read: the client gets the response, and the connection is
+    not used again (nginx and HAProxy close it too), so that the bytes after
+    it never answer the next request, pipelined or not."""
+
+    async def scenario(recorder: Recorder) -> None:
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        # The unasked response is cut short: what comes next would be its body.
+        recorder.answer = [ok + b"HTTP/1.1 200 OK\r\nContent-Length: 90\r\n\r\nevil"]
+        conn, transport = connect(plane_for(recorder))
+        request = b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n"
+        for reads in ([request * 2], [request, request]):
+            transport.written.clear()
+            for read in reads:
+                conn.data_received(read)
+                await asyncio.sleep(0.02)
+            responses = await answered(transport, 2)
+            assert [r.body for r in responses] == [b"hello", b"hello"]
+        assert len(recorder.writers) == 4
+
+    run(scenario)
+
+
 def test_a_response_head_past_the_bound_is_a_502() -> None:
     async def scenario(recorder: Recorder) -> None:
         plane = plane_for(recorder)
