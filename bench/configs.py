@@ -296,16 +296,23 @@ REALISTIC = Shape()
 
 
 def grayproxy_yaml(
-    port: int, control_port: int, upstreams: Upstreams, shape: Shape, tls: Certificate | None = None
+    port: int,
+    control_port: int,
+    upstreams: Upstreams,
+    shape: Shape,
+    tls: Certificate | None = None,
+    access_log: Path | None = None,
 ) -> str:
     """grayproxy's config: `shape.services` services, the last one being the one requested;
-    with `tls`, the listener serves that certificate."""
+    with `tls`, the listener serves that certificate; with `access_log`, the JSON access
+    log is written to that file."""
     services = "\n".join(
         _grayproxy_service(index, upstreams, shape) for index in range(1, shape.services + 1)
     )
     listener_tls = "" if tls is None else f'tls: {{cert: "{tls.cert}", key: "{tls.key}"}}\n'
+    log = "" if access_log is None else f'access_log: {{path: "{access_log}"}}\n'
     return f"""listen: "127.0.0.1:{port}"
-{listener_tls}drain_timeout: 2s
+{listener_tls}{log}drain_timeout: 2s
 control:
   listen: "127.0.0.1:{control_port}"
 services:

@@ -164,13 +164,11 @@ class Options:
     decision_header: bool = False
     exchange: Exchange = Exchange()
 
-    def apply(self, yaml: str, workdir: Path) -> str:
+    def apply(self, yaml: str) -> str:
         if self.decision_header:
             yaml = yaml.replace(
                 "    baseline: stable\n", "    baseline: stable\n    decision_header: true\n"
             )
-        if self.access_log:
-            yaml += f'access_log: {{path: "{workdir / "access.log"}"}}\n'
         return yaml
 
 
@@ -210,8 +208,9 @@ def instructions(
     with tempfile.TemporaryDirectory(prefix="grayproxy-instr-") as tmp:
         config = Path(tmp) / "grayproxy.yaml"
         upstreams = Upstreams(stable=ports, canary=ports)
-        yaml = grayproxy_yaml(data, control, upstreams, shape, tls)
-        config.write_text(options.apply(yaml, Path(tmp)))
+        log = Path(tmp) / "access.log" if options.access_log else None
+        yaml = grayproxy_yaml(data, control, upstreams, shape, tls, log)
+        config.write_text(options.apply(yaml))
         out = Path(tmp) / "callgrind.out"
         command = [
             "valgrind",

@@ -27,10 +27,12 @@ MAX_CPU_VS_NGINX = 1.35
 MAX_ADDED_OVER_NGINX_MS = 0.1
 MAX_RSS_MB = 60.0
 # Each grayproxy target's (least req/s, most CPU per request) against its reference
-# (None: no target): the minimal heads, the realistic heads (issue 16), HTTPS.
+# (None: no target): the minimal heads, the realistic heads (issue 16), with the
+# JSON access log on, HTTPS.
 GOALS: dict[str, tuple[float, float | None]] = {
     "grayproxy": (MIN_RPS_VS_NGINX, MAX_CPU_VS_NGINX),
     "grayproxy-realistic": (0.9, 1.2),
+    "grayproxy-log-realistic": (0.8, None),
     "grayproxy-https": (0.8, None),
 }
 
@@ -375,8 +377,10 @@ for the run, keep-alive connections, plain HTTP upstream); grayproxy-https's × 
 against nginx-https, and the probe (plain HTTP) leaves them out. The *-realistic* rows are
 the same processes loaded with a browser's request (11 header lines, a cookie, a query
 string) answered with a page's head and 2 KB body; their × nginx is against
-nginx-realistic, and they share their process's probe and peak RSS. Every × nginx is the
-median of per-round ratios, each against the reference's run of the same round."""
+nginx-realistic, and they share their process's probe and peak RSS; grayproxy-log-realistic
+is a grayproxy of its own, the same config with its JSON access log written to a file.
+Every × nginx is the median of per-round ratios, each against the reference's run of the
+same round."""
 
 
 # --------------------------------------------------------------------------- files

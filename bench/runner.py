@@ -5,7 +5,8 @@ the realistic config, or grayproxy with one of the scaling-series configs. The `
 is nginx and grayproxy terminating TLS with one certificate made for the run (keep-alive
 connections, the same upstreams over plain HTTP); grayproxy's is compared with nginx's. The
 `-realistic` targets are the same processes loaded with browser-like heads (configs.realistic_
-request, and the upstreams' page response); theirs are compared with nginx-realistic. What
+request, and the upstreams' page response); theirs are compared with nginx-realistic, as is
+grayproxy-log-realistic's: a grayproxy of its own with the JSON access log on. What
 cannot start, or stops answering, is recorded with the reason and left out; the others go on.
 """
 
@@ -61,6 +62,7 @@ class Settings:
         "nginx-realistic",
         "haproxy-realistic",
         "grayproxy-realistic",
+        "grayproxy-log-realistic",
         "nginx-https",
         "grayproxy-https",
     )
@@ -190,6 +192,9 @@ def _target_starters(settings: Settings, run: Run) -> Iterator[tuple[str, Starte
         "nginx": lambda stack: _start_nginx_proxy(run, stack),
         "haproxy": lambda stack: _start_haproxy(run, stack),
         "grayproxy": lambda stack: _start_grayproxy(run, "grayproxy", configs.REALISTIC, stack),
+        "grayproxy-log": lambda stack: _start_grayproxy(
+            run, "grayproxy-log", configs.REALISTIC, stack, access_log=True
+        ),
         "nginx-https": lambda stack: _start_nginx_proxy(run, stack, _certificate(run)),
         "grayproxy-https": lambda stack: _start_grayproxy_https(run, stack),
     }
@@ -314,12 +319,21 @@ def _start_haproxy(run: Run, stack: ExitStack) -> Target:
 
 
 def _start_grayproxy(
-    run: Run, name: str, shape: Shape, stack: ExitStack, tls: Certificate | None = None
+    run: Run,
+    name: str,
+    shape: Shape,
+    stack: ExitStack,
+    tls: Certificate | None = None,
+    access_log: bool = False,
 ) -> Target:
+    """grayproxy with `shape`'s config; with `access_log`, its JSON access log to a file."""
     directory = _subdir(run.workdir, name.replace(" ", "_").replace("/", "-"))
     port, control_port = free_ports(2)
     config_path = directory / "grayproxy.yaml"
-    config_path.write_text(configs.grayproxy_yaml(port, control_port, run.upstreams, shape, tls))
+    log = directory / "access.log" if access_log else None
+    config_path.write_text(
+        configs.grayproxy_yaml(port, control_port, run.upstreams, shape, tls, log)
+    )
     command = [sys.executable, "-m", "proxy", "run", "-c", str(config_path)]
     if run.settings.workers > 1:
         command += ["--workers", str(run.settings.workers)]

@@ -73,6 +73,16 @@ def test_grayproxy_configs_pass_grayproxys_own_validation(shape: Shape) -> None:
     assert last.split.weights == {"stable": 90, "canary": 10}
     expected_host = shape.host or "*"
     assert last.match.host == expected_host
+    assert config.access_log is None
+
+
+def test_the_log_target_writes_its_access_log_to_a_file(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    config = parse_config(
+        configs.grayproxy_yaml(8080, 9901, UPSTREAMS, configs.REALISTIC, None, log)
+    )
+    assert config.access_log is not None and config.access_log.path == str(log)
+    assert "grayproxy-log-realistic" in Settings().proxies
 
 
 def test_series_shapes_share_one_baseline() -> None:
@@ -549,18 +559,20 @@ def test_the_realistic_and_https_targets_are_checked_against_their_goals() -> No
         _target("grayproxy", **_figures(15_000, 0.65, 0.35)),
         _target("nginx-realistic", **_figures(10_000, 1.0, 0.30)),
         _target("grayproxy-realistic", **_figures(8_500, 1.25, 0.35)),
+        _target("grayproxy-log-realistic", **_figures(7_900, 1.4, 0.35)),
         _target("nginx-https", **_figures(10_000, 1.0, 0.30)),
         _target("grayproxy-https", **_figures(8_500, 1.5, 0.35)),
     ]
     for target in targets[2:]:
-        target.reference = "nginx-" + target.name.split("-")[1]
+        target.reference = "nginx-" + target.name.split("-")[-1]
     checks = report.target_checks(report.main_rows(targets))
     x = "\N{MULTIPLICATION SIGN}"
-    assert [(what.split(":")[0], value, met) for what, value, met in checks[:5]] == [
+    assert [(what.split(":")[0], value, met) for what, value, met in checks[:6]] == [
         ("grayproxy", f"0.75{x}", True),
         ("grayproxy", f"1.30{x}", True),
         ("grayproxy-realistic", f"0.85{x}", False),
         ("grayproxy-realistic", f"1.25{x}", False),
+        ("grayproxy-log-realistic", f"0.79{x}", False),  # no CPU goal
         ("grayproxy-https", f"0.85{x}", True),  # no CPU goal
     ]
     assert f"1.2{x} nginx-realistic" in checks[3][0]
