@@ -766,6 +766,7 @@ def test_the_head_read_last_is_read_once() -> None:
     raw = b"HTTP/1.1 200 OK\r\nDate: 1\r\nContent-Length: 2\r\n\r\nok"
     first, end = http1.response_head(raw, 0, 200)
     assert http1.response_head(raw, 0, 200) == (first, end) and end == len(raw) - 2
+    assert (first.status, first.whole) == (200, len(raw))  # its head and its 2-byte body
     assert first.parts == [b"HTTP/1.1 200 OK\r\n", b"Date: 1\r\n"] and first.length == b"2"
     other, _ = http1.response_head(raw.replace(b"Date: 1", b"Date: 2"), 0, 200)
     assert other is not first and other.parts[1] == b"Date: 2\r\n"
@@ -955,6 +956,7 @@ def test_only_heads_llhttp_would_read_alike_are_read_without_it() -> None:
         b"GET /\x80 HTTP/1.1",
         b"GET /a#b HTTP/1.1",
         b"GET /a\\b HTTP/1.1",
+        b"HEAD /\x7f HTTP/1.1",
         b"GET /a HTTP/1.0",
         b"GET /a HTTP/1.1 ",
         b"GET  /a HTTP/1.1",
@@ -964,13 +966,24 @@ def test_only_heads_llhttp_would_read_alike_are_read_without_it() -> None:
         b"GET http://x/a HTTP/1.1",
     ):
         assert plain_request_line_end(template % (other, b"u4")) == 0, other
-    for changed in (b"Content-Length: 3", b"Connection: close", b"X-User-Id: u5", b"x-user-id : u"):
+    for changed in (
+        b"Content-Length: 3",
+        b"Connection: close",
+        b"X-User-Id: u5",
+        b"x-user-id : u",
+        b"x-user-id",
+    ):
         read = template.replace(b"x-user-id: %s", changed) % line
         assert unchecked(read) is None, changed
     # Runs holding a line llhttp reads are not read without it, but for a keep-alive.
-    for connection, read_without in ((b"close", False), (b"Keep-Alive", True)):
+    for other_line, read_without in (
+        (b"Connection: close", False),
+        (b"Connection: Keep-Alive", True),
+        (b"Proxy-Connection: keep-alive", True),
+        (b"Upgrade: keep-alive", False),
+    ):
         forget_heads()
-        client = template.replace(b"Accept: */*", b"Connection: " + connection)
+        client = template.replace(b"Accept: */*", other_line)
         for user in (b"u1", b"u22"):
             learn_runs(seen_lines(client % (line, user), len(line)))
         assert (unchecked(client % (line, b"u3")) is not None) == read_without
