@@ -95,6 +95,7 @@ def main_rows(targets: Iterable[Target]) -> list[Row]:
     rounds = {target.name: target.rounds for target in main}
     nginx, direct = by_name.get("nginx", {}), by_name.get("direct", {})
     for target, row in zip(main, rows, strict=True):
+        row["reference"] = target.reference
         reference = rounds.get(target.reference, [])
         row["rps_vs_nginx"] = paired_ratio(target.rounds, reference, "requests_per_s")
         row["rps_vs_direct"] = paired_ratio(
@@ -144,7 +145,7 @@ def target_checks(rows: Sequence[Row]) -> list[tuple[str, str, bool]]:
         row = by_name.get(name)
         if row is None:
             continue
-        reference = "nginx" + name.removeprefix("grayproxy")
+        reference = row["reference"]
         if (value := row["rps_vs_nginx"]) is not None:
             checks.append(
                 (f"{name}: req/s ≥ {min_rps}× {reference}", f"{value:.2f}×", value >= min_rps)

@@ -317,10 +317,14 @@ def _read_alike(index: int, line: bytes) -> bool:
     it has not read, and read nothing in it (see _plain): the name of the line
     last seen there (one it accepted) and not one it reads, and a value of
     VALUE_BYTES (with its spaces and tabs around it, which llhttp keeps at
-    its end, as header_field does)."""
+    its end, as header_field does). The very line last seen there was read so
+    or accepted by llhttp: a position where heads of several kinds of client
+    differ changes for good (see learn_runs), though its line seldom does."""
     if index >= len(_SEEN_REQUEST_LINES):
         return False
     seen = _SEEN_REQUEST_LINES[index]
+    if seen.line == line:
+        return not seen.name.parser_reads
     raw_name = seen.header[0]
     size = len(raw_name)
     if seen.name.parser_reads or len(line) <= size or line[size] != 58:  # 58: ":"

@@ -576,6 +576,7 @@ def test_the_realistic_and_https_targets_are_checked_against_their_goals() -> No
         ("grayproxy-https", f"0.85{x}", True),  # no CPU goal
     ]
     assert f"1.2{x} nginx-realistic" in checks[3][0]
+    assert checks[4][0].endswith(f"0.8{x} nginx-realistic")
 
 
 def test_instructions_count_the_realistic_heads_with_fewer_lines_on_request() -> None:

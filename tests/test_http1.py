@@ -1063,3 +1063,30 @@ def test_a_whole_response_read_without_llhttp_is_one_llhttp_reads_alike(
         assert parser.get_status_code() == found.status
         assert recorder.body == read[len(found.raw) :]
         assert not head.startswith(b"\r\n")
+
+
+def test_heads_of_clients_of_two_kinds_are_read_without_llhttp_in_turn() -> None:
+    """Where the heads of two kinds of client differ, the positions change for
+    good; a line that is the one last seen there is taken as it is (it was
+    read before), unless llhttp reads it (a Connection: close stays llhttp's)."""
+    browser = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: b\r\nAccept: */*\r\nx-user-id: %s\r\n\r\n"
+    closing = (
+        b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: c\r\nConnection: close\r\nx-user-id: %s\r\n\r\n"
+    )
+
+    def read_by_llhttp(head: bytes) -> None:
+        lines = run_lines(head, plain_request_line_end(head))
+        if lines is None:
+            learn_runs(seen_lines(head, plain_request_line_end(head)))
+
+    for template in (browser, closing, browser, browser):
+        for user in (b"u1", b"u22"):
+            read_by_llhttp(template % user)
+    assert sorted(http1._CHANGING) == [1, 2, 3]
+    head = browser % b"u3"
+    lines = run_lines(head, plain_request_line_end(head), unchecked=True)
+    assert lines is not None and [line.header for line in lines] == llhttp_fields(head)
+    assert run_lines(browser % b"u\x7f", plain_request_line_end(head), unchecked=True) is None
+    for user in (b"u1", b"u22"):
+        read_by_llhttp(closing % user)
+    assert run_lines(closing % b"u4", plain_request_line_end(head), unchecked=True) is None
