@@ -348,14 +348,11 @@ class ClientConnection(asyncio.Protocol):
         self._url = head[len(method) + 1 : line_end - 9]
         self._line_end = line_end
         self._read_hint = b""
-        self._alone_read = head
         try:
-            self._head_read(method, lines, True, NO_UPGRADE)
+            self._head_read(method, lines, head[:-2], True, NO_UPGRADE)
         except ProxyError as exc:
             self.refuse(exc)
             return
-        finally:
-            self._alone_read = b""
         self.on_message_complete()
 
     def _read_body_after(self, head: bytes) -> None:
@@ -447,6 +444,7 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         read = self._alone_read
         lines: list[SeenRequestLine] | None = None
+        verbatim = b""
         if read:
             self._line_end = request_line_end(read, method, self._url)
             lines = run_lines(read, self._line_end)
@@ -456,19 +454,21 @@ class ClientConnection(asyncio.Protocol):
                     raise NotAlone
                 lines = seen_lines(read, self._line_end)
                 learn_runs(lines)
-        self._head_read(method, lines, parser.should_keep_alive(), parser)
+            if self._line_end:
+                verbatim = read[:-2]  # all of it but the empty line
+        self._head_read(method, lines, verbatim, parser.should_keep_alive(), parser)
 
     def _head_read(
         self,
         method: bytes,
         lines: list[SeenRequestLine] | None,
+        verbatim: bytes,
         keep_alive: bool,
         upgrade: UpgradeFlag,
     ) -> None:
         """A request head is read: plan its exchange. `lines` are its header
-        lines when read from the bytes of _alone_read, else None (then they are
-        _headers)."""
-        read = self._alone_read
+        lines and `verbatim` its lines as received, when read from the bytes of
+        a read it came alone in; else None (they are _headers and _message_read)."""
         self._in_head = False
         limit = self.plane.limits.max_header_bytes
         if self._head_bytes > limit and self._head_size(lines) > limit:
@@ -476,9 +476,7 @@ class ClientConnection(asyncio.Protocol):
             raise self._pending_error
         self._head_bytes = 0
         self.expires = 0.0
-        if lines is not None:
-            verbatim = read[:-2] if self._line_end else b""  # all of it but the empty line
-        else:
+        if lines is None:
             read = self._message_read
             self._line_end = request_line_end(read, method, self._url)
             verbatim = verbatim_head(read, self._line_end)

@@ -323,11 +323,13 @@ def _read_alike(index: int, line: bytes) -> bool:
     if index >= len(_SEEN_REQUEST_LINES):
         return False
     seen = _SEEN_REQUEST_LINES[index]
+    if seen.name.parser_reads:
+        return False
     if seen.line == line:
-        return not seen.name.parser_reads
+        return True
     raw_name = seen.header[0]
     size = len(raw_name)
-    if seen.name.parser_reads or len(line) <= size or line[size] != 58:  # 58: ":"
+    if len(line) <= size or line[size] != 58:  # 58: ":"
         return False
     return line[:size] == raw_name and _in_table_until(line, size + 1, VALUE_TABLE) == len(line)
 

@@ -171,8 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         if len(data) > len(head.raw) and self.sink is not None:
             self.sink.response_body(data[len(head.raw) :])
         self._in_body = False
-        if self.sink is not None:
-            self.sink.response_complete()
+        self._complete()
         sink.flush()
 
     def eof_received(self) -> bool | None:
