@@ -70,7 +70,9 @@ services:
     match: {path_prefix: /fallback}
     decision_header: true
     fallback: stable
-    health_check: {interval: 100ms, timeout: 200ms, unhealthy_threshold: 1}
+    # the dead endpoint fails at once; stable, served from this busy test process, must
+    # not be taken out by a slow moment (a 200ms timeout did so once in CI: a 503)
+    health_check: {interval: 100ms, timeout: 5s, unhealthy_threshold: 1}
     versions:
       stable: {endpoints: ["%(stable)s"]}
       canary: {endpoints: ["127.0.0.1:%(dead)d"]}
