@@ -724,7 +724,7 @@ def test_active_checks_take_an_endpoint_out_and_bring_it_back(
         HEADER
         + f"""
   - name: web
-    health_check: {{path: /healthz, interval: 50ms, timeout: 500ms,
+    health_check: {{path: /healthz, interval: 50ms, timeout: 2s,
                    healthy_threshold: 2, unhealthy_threshold: 2}}
     versions: {{v1: {{endpoints: ["{a.address}", "{b.address}"]}}}}
 """
@@ -750,7 +750,7 @@ def test_every_worker_checks_and_the_supervisor_reports_it(
         + HEADER
         + f"""
   - name: web
-    health_check: {{interval: 50ms, timeout: 500ms, unhealthy_threshold: 1}}
+    health_check: {{interval: 50ms, timeout: 2s, unhealthy_threshold: 1}}
     versions: {{v1: {{endpoints: ["{a.address}", "{b.address}"]}}}}
 """
     )
@@ -773,13 +773,13 @@ def test_fallback_while_a_version_has_no_healthy_endpoint_else_503(
   - name: guarded
     match: {{path_prefix: /guarded}}
     fallback: stable
-    health_check: {{interval: 50ms, timeout: 500ms, unhealthy_threshold: 1}}
+    health_check: {{interval: 50ms, timeout: 2s, unhealthy_threshold: 1}}
     versions:
       canary: {{endpoints: ["{b.address}", "{c.address}"]}}
       stable: {{endpoints: ["{a.address}"]}}
     split: {{weights: {{canary: 100, stable: 0}}}}
   - name: bare
-    health_check: {{interval: 50ms, timeout: 500ms, unhealthy_threshold: 1}}
+    health_check: {{interval: 50ms, timeout: 2s, unhealthy_threshold: 1}}
     versions:
       canary: {{endpoints: ["{b.address}", "{c.address}"]}}
 """
@@ -895,7 +895,7 @@ def test_health_survives_a_weight_change_and_follows_a_reload(
         HEADER
         + """
   - name: web
-    health_check: {interval: 50ms, timeout: 500ms, unhealthy_threshold: 1}
+    health_check: {interval: 50ms, timeout: 2s, unhealthy_threshold: 1}
     versions:
       v1: {endpoints: [%s]}
       v2: {endpoints: ["%s"]}
