@@ -262,7 +262,10 @@ def _plain(line: SeenRequestLine) -> bool:
 # looked for. Learnt only from heads llhttp accepted (see learn_runs).
 _RUNS: Final[list[LineRun]] = []
 _LEARNT: Final[list[SeenRequestLine]] = []  # the lines of the head last learnt from
-_CHANGING: Final[set[int]] = set()  # the positions whose lines have changed
+# The positions whose lines have changed, for heads of each number of lines:
+# the lines of heads of another length (another kind of client) are not
+# compared with them, nor are the positions where those differ taken as changing.
+_CHANGING: Final[dict[int, set[int]]] = {}
 
 
 def run_lines(head: bytes, line_end: int, unchecked: bool = False) -> list[SeenRequestLine] | None:
@@ -375,14 +378,16 @@ def learn_runs(lines: list[SeenRequestLine]) -> None:
     from then on."""
     if len(lines) > MAX_SEEN_LINES:
         return
-    for index in range(min(len(lines), len(_LEARNT))):
-        if lines[index] is not _LEARNT[index]:  # seen_request_raw_line made it anew
-            _CHANGING.add(index)
+    changing = _CHANGING.setdefault(len(lines), set())
+    if len(lines) == len(_LEARNT):
+        for index, line in enumerate(lines):
+            if line is not _LEARNT[index]:  # seen_request_raw_line made it anew
+                changing.add(index)
     _LEARNT[:] = lines
     _RUNS.clear()
     same: list[SeenRequestLine] = []
     for index, line in enumerate(lines):
-        if index in _CHANGING:
+        if index in changing:
             if same:
                 _RUNS.append(_joined_run(same))
                 same = []

@@ -1065,6 +1065,27 @@ def test_a_whole_response_read_without_llhttp_is_one_llhttp_reads_alike(
         assert not head.startswith(b"\r\n")
 
 
+def changing_positions() -> dict[int, list[int]]:
+    """The positions learnt as changing, by the number of lines of the heads."""
+    return {count: sorted(changing) for count, changing in http1._CHANGING.items()}
+
+
+def test_heads_of_another_length_do_not_make_positions_change() -> None:
+    """A kind of client whose heads have another number of lines is not
+    compared line by line with the last: after a curl-like client, a
+    browser's heads are one run but for their user id."""
+    curl = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl\r\n\r\n"
+    browser = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: b\r\nAccept: */*\r\nx-user-id: %s\r\n\r\n"
+    for head in (curl, curl, browser % b"u1", browser % b"u22", curl, browser % b"u1"):
+        if run_lines(head, plain_request_line_end(head)) is None:
+            learn_runs(seen_lines(head, plain_request_line_end(head)))
+    assert changing_positions() == {2: [], 4: [3]}
+    assert [len(run.seen) for run in http1._RUNS] == [3, 0]
+    head = browser % b"u333"
+    lines = run_lines(head, plain_request_line_end(head), unchecked=True)
+    assert lines is not None and [line.header for line in lines] == llhttp_fields(head)
+
+
 def test_heads_of_clients_of_two_kinds_are_read_without_llhttp_in_turn() -> None:
     """Where the heads of two kinds of client differ, the positions change for
     good; a line that is the one last seen there is taken as it is (it was
@@ -1082,7 +1103,7 @@ def test_heads_of_clients_of_two_kinds_are_read_without_llhttp_in_turn() -> None
     for template in (browser, closing, browser, browser):
         for user in (b"u1", b"u22"):
             read_by_llhttp(template % user)
-    assert sorted(http1._CHANGING) == [1, 2, 3]
+    assert changing_positions() == {4: [1, 2, 3]}
     head = browser % b"u3"
     lines = run_lines(head, plain_request_line_end(head), unchecked=True)
     assert lines is not None and [line.header for line in lines] == llhttp_fields(head)
