@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import threading
 import time
+import types
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -41,11 +42,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import ConfigError, UpstreamTls
+from proxy.config import ConfigError, ListenerTls, UpstreamTls
 from proxy.endpoints import Upstreams
 from proxy.loader import load_config, parse_config
 from proxy.state import LiveState
-from proxy.tls import ClientTls, digest
+from proxy.tls import ClientTls, digest, server_context
 
 from procs import ProxyProcess, free_port, http_get, is_listening, run_cli
 from servers import LoopThread, Upstream
@@ -448,6 +449,50 @@ def test_tls_1_2_takes_only_forward_secret_aead_ciphers(
     for legacy in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"):  # CBC
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             handshake(legacy)
+
+
+def test_listener_connections_call_openssl_directly(pki: Pki) -> None:
+    """A listener's SSLObjects read, write and answer pending with _ssl's C
+    methods (see tls.DirectSSLObject), and these do what Python's SSLObject
+    does: a handshake, more than a record's bytes each way, a read into a
+    buffer, close_notify read as b"" (uvloop's end of stream)."""
+    listener = server_context(ListenerTls(str(pki.proxy.cert), str(pki.proxy.key)))
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = listener.wrap_bio(to_server, to_client, server_side=True)
+    client = pki.client_context().wrap_bio(to_client, to_server, server_hostname="localhost")
+    assert isinstance(server, ssl.SSLObject)
+    for method in (server.read, server.write, server.pending):
+        assert isinstance(method, types.BuiltinMethodType), method  # no Python frame
+    for _ in range(10):  # each side's turn until both are done
+        finished = 0
+        for side in (client, server):
+            try:
+                side.do_handshake()
+                finished += 1
+            except ssl.SSLWantReadError:
+                pass
+        if finished == 2:
+            break
+    assert server.selected_alpn_protocol() == "http/1.1"
+
+    def received(reader: ssl.SSLObject, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            data += reader.read(65536)
+        return data
+
+    request = os.urandom(40_000)  # three records
+    assert client.write(request) == len(request)
+    buffer = bytearray(1000)
+    assert server.read(1000, buffer) == 1000 and bytes(buffer) == request[:1000]
+    assert server.pending() > 0  # the rest of the first record, decrypted
+    assert received(server, len(request) - 1000) == request[1000:]
+    response = os.urandom(70_000)
+    assert server.write(response) == len(response)
+    assert received(client, len(response)) == response
+    with pytest.raises(ssl.SSLWantReadError):
+        client.unwrap()  # close_notify sent, the server's not yet read
+    assert server.read(1024) == b""
 
 
 def test_plain_http_on_the_tls_port_gets_no_http_response(
