@@ -35,7 +35,6 @@ from .http1 import (
     SeenRequestLine,
     error_response,
     forwarded_for_lines,
-    framed_response_head,
     learn_runs,
     open_chunk_size,
     plain_request_line_end,
@@ -997,14 +996,12 @@ class Exchange:
             self._upstream_over()
         self.status = status
         self.upstream_closes = close
-        lines = list(head.parts)  # to be added to: the head may be read again
-        length, upgrade = head.length, head.upgrade
         plan = self.plan
-        lines.append(plan.request_id)
+        own = plan.request_id
         if self.target.decision_header:
-            lines.append(self._decision_line())
+            own += self._decision_line()
         if status == 101 and plan.upgrade:
-            self._switch_protocols(lines, upgrade)
+            self._switch_protocols([head.start, own], head.upgrade)
             return
         self._to(RESPONDING)
         bodyless = plan.head_request or status in (204, 304)
@@ -1012,8 +1009,8 @@ class Exchange:
         if plan.set_cookie:
             extra += b"set-cookie: " + plan.set_cookie.encode("latin-1") + b"\r\n"
         close_after = self.close_after or not self.request_done or self.plane.draining
-        framed, self._chunked_response, self.close_after = framed_response_head(
-            lines, length, bodyless, plan.http10, close_after, extra
+        framed, self._chunked_response, self.close_after = head.framed(
+            own, bodyless, plan.http10, close_after, extra
         )
         self.sent += len(framed)
         self.client.outgoing.append(framed)

@@ -808,15 +808,33 @@ def response_lines(status: int, lines: list[bytes]) -> tuple[list[bytes], bytes 
 class ResponseHead:
     """An upstream response head as received (`raw`, from its status line to
     its empty line), and what the proxy makes of it (response_lines'): the
-    status line and end-to-end lines as pieces, Content-Length and Upgrade."""
+    status line and end-to-end lines joined (`start`), Content-Length and
+    Upgrade."""
 
-    __slots__ = ("close", "length", "parts", "raw", "status", "upgrade", "whole")
+    __slots__ = (
+        "_extra",
+        "_framed_as",
+        "_framing",
+        "close",
+        "length",
+        "raw",
+        "start",
+        "status",
+        "upgrade",
+        "whole",
+    )
 
     def __init__(self, raw: bytes, status: int) -> None:
         self.raw = raw
         self.status = status
-        self.parts, self.length, self.upgrade = response_lines(status, self.header_lines())
+        parts, self.length, self.upgrade = response_lines(status, self.header_lines())
+        self.start = b"".join(parts)
         self.close = False  # llhttp's word: the connection ends with the response
+        # The framing last made for a client (see framed): the same head is
+        # framed alike response after response.
+        self._framed_as = -1
+        self._extra = b""
+        self._framing: tuple[bytes, bool, bool] = (b"", False, False)
         # The size of a response that is this head and the body its Content-Length
         # frames (llhttp refuses a Transfer-Encoding beside it); -1 if it has no
         # such body: 1xx, 204, 304, or no Content-Length. See whole_response.
@@ -826,6 +844,20 @@ class ResponseHead:
 
     def header_lines(self) -> list[bytes]:
         return self.raw[:-4].split(b"\r\n")[1:]  # (no empty line before the status line)
+
+    def framed(
+        self, own: bytes, bodyless: bool, http10: bool, close: bool, extra: bytes
+    ) -> tuple[bytes, bool, bool]:
+        """The head for the client, with the proxy's `own` lines after the
+        upstream's (its request id, its decision), as framed_response_head
+        frames it: (the head, whether the body is re-chunked, whether the
+        connection closes after it)."""
+        framed_as = bodyless + 2 * http10 + 4 * close
+        if framed_as != self._framed_as or extra != self._extra:
+            self._framing = framed_response_head([], self.length, bodyless, http10, close, extra)
+            self._framed_as, self._extra = framed_as, extra
+        end, chunked, closes = self._framing
+        return self.start + own + end, chunked, closes
 
 
 # The head last read: an upstream answers the same request with the same head

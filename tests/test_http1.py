@@ -397,6 +397,38 @@ def test_a_response_head_is_framed_for_its_body_and_its_client(
     assert head == (b"HTTP/1.1 200 OK\r\n" + expected, chunked, closes)
 
 
+@given(
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK\r\nDate: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nDate: 1\r\n\r\n",
+        ]
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"x-request-id: a\r\n", b"x-request-id: bb\r\nd: 1\r\n"]),
+            st.booleans(),
+            st.booleans(),
+            st.booleans(),
+            st.sampled_from([b"", b"X\r\n", b"X\r\nset-cookie: c=1\r\n"]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_head_framed_again_is_framed_as_if_for_the_first_time(
+    raw: bytes, framings: list[tuple[bytes, bool, bool, bool, bytes]]
+) -> None:
+    """ResponseHead.framed remembers its last framing: whatever came before,
+    each is framed_response_head's of its lines and the proxy's own."""
+    head = http1.ResponseHead(raw, 200)
+    for own, bodyless, http10, close, extra in framings:
+        expected = framed_response_head(
+            [head.start, own], head.length, bodyless, http10, close, extra
+        )
+        assert head.framed(own, bodyless, http10, close, extra) == expected
+
+
 def test_an_error_response_says_its_status_and_why() -> None:
     assert error_response(502, "upstream refused", b"x-v: a\r\n", True, False) == (
         b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -767,9 +799,9 @@ def test_the_head_read_last_is_read_once() -> None:
     first, end = http1.response_head(raw, 0, 200)
     assert http1.response_head(raw, 0, 200) == (first, end) and end == len(raw) - 2
     assert (first.status, first.whole) == (200, len(raw))  # its head and its 2-byte body
-    assert first.parts == [b"HTTP/1.1 200 OK\r\n", b"Date: 1\r\n"] and first.length == b"2"
+    assert first.start == b"HTTP/1.1 200 OK\r\nDate: 1\r\n" and first.length == b"2"
     other, _ = http1.response_head(raw.replace(b"Date: 1", b"Date: 2"), 0, 200)
-    assert other is not first and other.parts[1] == b"Date: 2\r\n"
+    assert other is not first and other.start == b"HTTP/1.1 200 OK\r\nDate: 2\r\n"
     assert http1.response_head(b"\r\n" + raw, 0, 200)[1] == len(raw)
     read_in_full = head((b"Host", b"x"), (b"x-user-id", b"u1"))
     head((b"Host", b"x"), (b"x-user-id", b"u2"))
