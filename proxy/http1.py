@@ -708,12 +708,14 @@ def upstream_head(
     request line says HTTP/1.1. `request_id`, if given, is an x-request-id
     line to add (one the proxy made)."""
     if verbatim:
-        parts = [verbatim]
-    else:
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        if not head.host:  # HTTP/1.0 may omit it, HTTP/1.1 may not (RFC 9112 §3.2)
-            parts.append(b"host: \r\n")
-        append_lines(parts, head.forwarded)
+        # The head passes on unchanged: it has no X-Forwarded-For to extend, no
+        # Content-Length or Transfer-Encoding to frame, no Upgrade to pass on.
+        host = forwarded_host_line(head.host) if head.host else b""
+        return b"".join((verbatim, forwarded_for, host, request_id, b"\r\n"))
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if not head.host:  # HTTP/1.0 may omit it, HTTP/1.1 may not (RFC 9112 §3.2)
+        parts.append(b"host: \r\n")
+    append_lines(parts, head.forwarded)
     xff = head.headers.get("x-forwarded-for")
     if xff:  # extend the client's list
         parts.append(b"x-forwarded-for: " + xff.encode("latin-1") + b", ")

@@ -181,6 +181,46 @@ def test_each_refusal_says_why(
         request_head(lines, http10=False)
 
 
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                (b"Host", b"x"),
+                (b"X-Forwarded-For", b"10.0.0.1"),
+                (b"Content-Length", b"5"),
+                (b"Transfer-Encoding", b"chunked"),
+                (b"User-Agent", b"a"),
+                (b"Accept", b"*/*"),
+                (b"Upgrade", b"websocket"),
+            ]
+        ),
+        unique=True,
+    ),
+    st.sampled_from([b"", b"x-request-id: r\r\n"]),
+)
+def test_a_head_sent_as_received_is_the_head_rebuilt(
+    lines: list[tuple[bytes, bytes]], request_id: bytes
+) -> None:
+    """A head is sent as received only when it passes on unchanged: then
+    nothing the proxy reframes or extends is in it (X-Forwarded-For,
+    Content-Length, Transfer-Encoding, Upgrade), and what it adds after its
+    lines makes the head it would rebuild."""
+    try:
+        request = head(*lines)
+    except errors.ProxyError:
+        return  # refused (Content-Length beside Transfer-Encoding)
+    names = {name.lower() for name, _ in lines}
+    reframed = {b"x-forwarded-for", b"content-length", b"transfer-encoding", b"upgrade"}
+    assert request.unchanged == (not names & reframed)
+    if not request.unchanged:
+        return
+    verbatim = b"GET / HTTP/1.1\r\n" + b"".join(b"%s: %s\r\n" % line for line in lines)
+    forwarded_for = forwarded_for_lines("127.0.0.1")
+    rebuilt = upstream_head(b"GET", b"/", request, forwarded_for, None, b"", request_id)
+    sent = upstream_head(b"GET", b"/", request, forwarded_for, None, verbatim, request_id)
+    assert sent == rebuilt
+
+
 def test_upstream_head_is_reframed_with_forwarding_headers() -> None:
     request = head(
         (b"Host", b"x"),
