@@ -713,7 +713,7 @@ def upstream_head(
         host = forwarded_host_line(head.host) if head.host else b""
         return b"".join((verbatim, forwarded_for, host, request_id, b"\r\n"))
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    if not head.host:  # HTTP/1.0 may omit it, HTTP/1.1 may not (RFC 9112 §3.2)
+    if "host" not in head.headers:  # HTTP/1.0 may omit it, HTTP/1.1 may not (RFC 9112 §3.2)
         parts.append(b"host: \r\n")
     append_lines(parts, head.forwarded)
     xff = head.headers.get("x-forwarded-for")

@@ -186,6 +186,7 @@ def test_each_refusal_says_why(
         st.sampled_from(
             [
                 (b"Host", b"x"),
+                (b"Host", b""),
                 (b"X-Forwarded-For", b"10.0.0.1"),
                 (b"Content-Length", b"5"),
                 (b"Transfer-Encoding", b"chunked"),
@@ -219,6 +220,29 @@ def test_a_head_sent_as_received_is_the_head_rebuilt(
     rebuilt = upstream_head(b"GET", b"/", request, forwarded_for, None, b"", request_id)
     sent = upstream_head(b"GET", b"/", request, forwarded_for, None, verbatim, request_id)
     assert sent == rebuilt
+
+
+@pytest.mark.parametrize(
+    ("lines", "http10"),
+    [
+        ([(b"Host", b"")], False),  # an empty Host: allowed (RFC 9112 §3.2)
+        ([(b"Host", b""), (b"X-Forwarded-For", b"10.0.0.1")], False),  # rebuilt
+        ([(b"Host", b""), (b"Content-Length", b"0")], False),
+        ([(b"Host", b"")], True),
+        ([], True),  # HTTP/1.0 may omit it: an empty one is sent
+        ([(b"Host", b"x"), (b"X-Forwarded-For", b"10.0.0.1")], False),
+    ],
+)
+def test_the_head_sent_upstream_has_one_host_line(
+    lines: list[tuple[bytes, bytes]], http10: bool
+) -> None:
+    """Two Host lines are a request to refuse (RFC 9112 §3.2): an empty Host
+    goes on as its own line, and only a head without one (HTTP/1.0) gets an
+    empty one."""
+    request = head(*lines, http10=http10)
+    sent = upstream_head(b"GET", b"/", request, forwarded_for_lines("::1"), None)
+    hosts = [line for line in sent.split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert len(hosts) == 1, sent
 
 
 def test_upstream_head_is_reframed_with_forwarding_headers() -> None:

@@ -163,6 +163,24 @@ def test_absolute_form_to_the_same_host_is_forwarded_in_origin_form(
     assert forwarded.header(b"host") == [b"shop.test"]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \r\nX-Forwarded-For: 10.0.0.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost:\r\n\r\n",
+    ],
+)
+def test_an_empty_or_missing_host_reaches_the_upstream_once(
+    proxy: ProxyProcess, upstream: RecordingUpstream, raw: bytes
+) -> None:
+    """An empty Host (RFC 9112 §3.2 allows one) goes on as one empty line; an
+    HTTP/1.0 head without one gets one: never two, which an upstream refuses."""
+    [forwarded] = assert_served(proxy, upstream, raw)
+    assert forwarded.header(b"host") == [b""]
+
+
 def test_header_block_just_under_the_limit_is_served(
     proxy: ProxyProcess, upstream: RecordingUpstream
 ) -> None:
