@@ -465,9 +465,11 @@ class ClientConnection(asyncio.Protocol):
         keep_alive: bool,
         upgrade: UpgradeFlag,
     ) -> None:
-        """A request head is read: plan its exchange. `lines` are its header
-        lines and `verbatim` its lines as received, when read from the bytes of
-        a read it came alone in; else None (they are _headers and _message_read)."""
+        """A request head is read: plan its exchange. When it was read from the
+        bytes of a read it came alone in, `lines` are its header lines and
+        `verbatim` its request and header lines as received (b"" if they
+        cannot go on so); else `lines` is None: they are _headers, and
+        _message_read holds the head."""
         self._in_head = False
         limit = self.plane.limits.max_header_bytes
         if self._head_bytes > limit and self._head_size(lines) > limit:

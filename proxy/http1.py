@@ -851,12 +851,12 @@ class ResponseHead:
         self, own: bytes, bodyless: bool, http10: bool, close: bool, extra: bytes
     ) -> tuple[bytes, bool, bool]:
         """The head for the client, with the proxy's `own` lines after the
-        upstream's (its request id, its decision), as framed_response_head
-        frames it: (the head, whether the body is re-chunked, whether the
-        connection closes after it)."""
+        upstream's (its request id, its decision), framed by response_framing:
+        (the head, whether the body is re-chunked, whether the connection
+        closes after it)."""
         framed_as = bodyless + 2 * http10 + 4 * close
         if framed_as != self._framed_as or extra != self._extra:
-            self._framing = framed_response_head([], self.length, bodyless, http10, close, extra)
+            self._framing = response_framing(self.length, bodyless, http10, close, extra)
             self._framed_as, self._extra = framed_as, extra
         end, chunked, closes = self._framing
         return self.start + own + end, chunked, closes
@@ -943,19 +943,16 @@ def _may_be_checked(raw_name: bytes) -> bool:
     return size != REQUEST_ID_LENGTH or raw_name[0] | 0x20 == 0x78
 
 
-def framed_response_head(
-    lines: list[bytes],
-    length: bytes | None,
-    bodyless: bool,
-    http10: bool,
-    close: bool,
-    extra: bytes,
+def response_framing(
+    length: bytes | None, bodyless: bool, http10: bool, close: bool, extra: bytes
 ) -> tuple[bytes, bool, bool]:
-    """The response head for the client from response_lines' `lines` and
-    `length`, with `extra` header lines of the proxy's own: (the head,
-    whether the body is re-chunked, whether the connection closes after it).
-    A body of unknown length is chunked for HTTP/1.1 and ends with the
-    connection for HTTP/1.0."""
+    """The end of a response head for the client, after the upstream's lines
+    and the proxy's own: the framing for `length` (response_lines'), the
+    `extra` header lines, Connection and the empty line; (those bytes, whether
+    the body is re-chunked, whether the connection closes after it). A body of
+    unknown length is chunked for HTTP/1.1 and ends with the connection for
+    HTTP/1.0."""
+    lines = []
     chunked = False
     if length is not None:
         lines.append(b"content-length: " + length + b"\r\n")

@@ -88,7 +88,8 @@ class DirectSSLObject(ssl.SSLObject):
     OpenSSL connection it wraps (_ssl._SSLSocket's): ssl.SSLObject's own
     only pass their arguments on, in a Python frame, and uvloop calls them
     three to five times per request (1.5k instructions of 53k with TLS).
-    SSLContext.wrap_bio makes its objects with ``sslobject_class._create``."""
+    SSLContext.wrap_bio makes its objects with ``sslobject_class._create``
+    (a Python that did not would leave this class the same as its parent)."""
 
     @classmethod
     def _create(cls, *args: Any, **kwargs: Any) -> ssl.SSLObject:
@@ -102,16 +103,10 @@ class DirectSSLObject(ssl.SSLObject):
         return self
 
 
-# A Python whose SSLObject is not made by _create keeps it as it is.
-SSL_OBJECT_CLASS: type[ssl.SSLObject] = (
-    DirectSSLObject if hasattr(ssl.SSLObject, "_create") else ssl.SSLObject
-)
-
-
 def server_context(tls: ListenerTls) -> ssl.SSLContext:
     """A listener's context: TLS 1.2+, ALPN http/1.1, the certificate chain and its key."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.sslobject_class = SSL_OBJECT_CLASS
+    context.sslobject_class = DirectSSLObject
     context.minimum_version = MINIMUM_VERSION
     context.set_ciphers(SERVER_CIPHERS)
     context.set_alpn_protocols(ALPN)

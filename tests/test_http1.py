@@ -21,7 +21,6 @@ from proxy.http1 import (
     error_response,
     forwarded_for_lines,
     forwarded_host_line,
-    framed_response_head,
     head_lines,
     header_field,
     learn_runs,
@@ -30,6 +29,7 @@ from proxy.http1 import (
     plain_request_line_end,
     request_head,
     request_line_end,
+    response_framing,
     response_head,
     response_lines,
     run_lines,
@@ -457,8 +457,8 @@ def test_a_response_head_is_framed_for_its_body_and_its_client(
 ) -> None:
     """Known length: Content-Length; unknown: chunked for HTTP/1.1, the close
     for HTTP/1.0; the proxy's own lines (X) after them."""
-    head = framed_response_head([b"HTTP/1.1 200 OK\r\n"], length, bodyless, http10, close, b"X\r\n")
-    assert head == (b"HTTP/1.1 200 OK\r\n" + expected, chunked, closes)
+    framing = response_framing(length, bodyless, http10, close, b"X\r\n")
+    assert framing == (expected, chunked, closes)
 
 
 @given(
@@ -484,13 +484,12 @@ def test_a_head_framed_again_is_framed_as_if_for_the_first_time(
     raw: bytes, framings: list[tuple[bytes, bool, bool, bool, bytes]]
 ) -> None:
     """ResponseHead.framed remembers its last framing: whatever came before,
-    each is framed_response_head's of its lines and the proxy's own."""
+    each is its lines, the proxy's own and response_framing's."""
     head = http1.ResponseHead(raw, 200)
     for own, bodyless, http10, close, extra in framings:
-        expected = framed_response_head(
-            [head.start, own], head.length, bodyless, http10, close, extra
-        )
-        assert head.framed(own, bodyless, http10, close, extra) == expected
+        end, chunked, closes = response_framing(head.length, bodyless, http10, close, extra)
+        framed = head.framed(own, bodyless, http10, close, extra)
+        assert framed == (head.start + own + end, chunked, closes)
 
 
 def test_an_error_response_says_its_status_and_why() -> None:
